@@ -1,0 +1,111 @@
+"""Capture: a model in, one canonical ATen-level GraphModule out.
+
+Canonical form (what every pass sees):
+- ATen ops with `meta["val"]` on every value (FakeTensor, symbolic sizes where dynamic);
+- parameters as `get_attr` nodes whose targets are the module paths of the original
+  parameters (e.g. "model.layers.0.mlp.up_proj.weight"), each an `nn.Parameter`;
+- no decompositions beyond what capture needs (`DECOMPOSITIONS` is empty), so a linear
+  layer stays one node (`aten.linear` from torch.export, `aten.mm`/`addmm` from aot_autograd)
+  and attention stays one scaled-dot-product node.
+
+Two ways in: `capture_model` (torch.export, for `angel_compile.compile`) and
+`freeze_parameters` (for the graph aot_autograd hands the torch.compile backend, where
+parameters arrive as inputs).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import fx
+
+from angel_compile import meta
+from angel_compile.errors import CaptureError
+from angel_compile.passes.base import set_attr_value
+
+# Empty on purpose: passes match linear layers and attention as single nodes.
+DECOMPOSITIONS: dict = {}
+
+_SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]")
+
+
+def capture_model(
+    model: torch.nn.Module | torch.export.ExportedProgram,
+    example_args: tuple[Any, ...] = (),
+    example_kwargs: Mapping[str, Any] | None = None,
+    dynamic_shapes: Any = None,
+) -> fx.GraphModule:
+    """torch.export the model (non-strict) and return the canonical GraphModule.
+
+    The GraphModule is called like the model (same argument names, same output pytree).
+    """
+    if isinstance(model, torch.export.ExportedProgram):
+        program = model
+    elif isinstance(model, torch.nn.Module):
+        try:
+            with torch.no_grad():
+                program = torch.export.export(
+                    model, tuple(example_args), dict(example_kwargs or {}), dynamic_shapes=dynamic_shapes, strict=False
+                )
+        except Exception as exc:
+            raise CaptureError(
+                f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''} (angel-compile needs a model torch.export "
+                "accepts in non-strict mode; check example inputs and dynamic_shapes)"
+            ) from exc
+    else:
+        raise CaptureError(f"expected an nn.Module or a torch.export.ExportedProgram, got {type(model).__name__}")
+    with warnings.catch_warnings():
+        # torch's own pytree deprecation warning, raised while it copies the program.
+        warnings.simplefilter("ignore", FutureWarning)
+        return program.run_decompositions(DECOMPOSITIONS).module()
+
+
+def parameter_path(source_name: str, fallback: str) -> str:
+    """Module path of a parameter from dynamo's source name.
+
+    "L['self']._modules['lm_head']._parameters['weight']" -> "lm_head.weight".
+    """
+    parts = _SOURCE_PART.findall(source_name)
+    return ".".join(parts) if parts else fallback
+
+
+def freeze_parameters(gm: fx.GraphModule, parameters: Mapping[int, tuple[str, torch.Tensor]]) -> list[int]:
+    """Turn the placeholders at the given input positions into get_attr parameters, in place.
+
+    parameters: input position -> (module path, real tensor). Returns the positions of the
+    inputs the graph still takes, in order.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    kept = []
+    for index, node in enumerate(placeholders):
+        if index not in parameters:
+            kept.append(index)
+            continue
+        path, tensor = parameters[index]
+        target = path if not _attribute_taken(gm, path) else f"_frozen.{path}"
+        set_attr_value(gm, target, tensor.detach(), as_parameter=True)
+        with gm.graph.inserting_before(first):
+            attr = gm.graph.get_attr(target)
+        attr.meta[meta.VAL] = node.meta[meta.VAL]
+        node.replace_all_uses_with(attr)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return kept
+
+
+def _attribute_taken(gm: fx.GraphModule, path: str) -> bool:
+    owner: Any = gm
+    for part in path.split("."):
+        if not hasattr(owner, part):
+            return False
+        owner = getattr(owner, part)
+        if not isinstance(owner, torch.nn.Module):
+            return True
+    return True

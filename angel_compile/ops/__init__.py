@@ -1,0 +1,11 @@
+"""angel custom ops (`torch.ops.angel.*`): schema, fake impl and plain-PyTorch reference.
+
+Importing this package registers every op. Kernels (`kernels/`) and ONNX mappings
+(`lowering/`) refer to the ops defined here and never redefine them.
+"""
+
+from angel_compile.ops.int8_weight_only import int8_weight_only_linear
+
+ANGEL_NAMESPACE = "angel"
+
+__all__ = ["ANGEL_NAMESPACE", "int8_weight_only_linear"]

@@ -1,0 +1,7 @@
+"""Graph passes. Importing this package registers every built-in pass."""
+
+from angel_compile.passes.base import Pass, PassContext, PassResult, PassStats, register_pass
+from angel_compile.passes.manager import PassManager, PipelineReport
+from angel_compile.passes.quantize import weight_only  # noqa: F401  (registers int8_weight_only)
+
+__all__ = ["Pass", "PassContext", "PassManager", "PassResult", "PassStats", "PipelineReport", "register_pass"]

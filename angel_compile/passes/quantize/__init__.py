@@ -1,0 +1,1 @@
+"""Quantization passes, one module per scheme family."""
