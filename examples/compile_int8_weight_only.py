@@ -27,7 +27,8 @@ def main() -> None:
             debug_dir=Path(folder) / "debug",  # each stage's graph, diffs and summary.md
         )
         print(compiled.report.table())
-        print("ops after the pipeline:", compiled.count_ops().get("angel.int8_weight_only_linear.default"), "int8 linears")
+        int8_linears = compiled.count_ops().get("angel.int8_weight_only_linear.default")
+        print("int8 linears after the pipeline:", int8_linears)
 
         check = torch.randint(0, 256, (3, 40))
         logits = compiled(input_ids=check).logits

@@ -16,7 +16,8 @@ def test_reference_equals_linear_with_dequantized_weight(bias, dtype):
     x = torch.randn(2, 5, 64, dtype=dtype)
     q, scale = quantize_int8_per_channel(torch.randn(24, 64))
     b = torch.randn(24, dtype=dtype) if bias else None
-    expected = torch.nn.functional.linear(x.double(), dequantize_int8_per_channel(q, scale).double(), b.double() if bias else None)
+    weight = dequantize_int8_per_channel(q, scale).double()
+    expected = torch.nn.functional.linear(x.double(), weight, b.double() if bias else None)
     out = OP(x, q, scale, b)
     assert out.dtype == dtype and out.shape == (2, 5, 24)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2

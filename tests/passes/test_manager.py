@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import fx
 
+from angel_compile.capture import capture_model
 from angel_compile.errors import PassError, RecipeError
 from angel_compile.passes.base import Pass, PassContext, PassResult, PassStats
 from angel_compile.passes.manager import PassManager
 from angel_compile.passes.quantize.weight_only import Int8WeightOnly
-from angel_compile.capture import capture_model
 
 
 @dataclass(frozen=True)

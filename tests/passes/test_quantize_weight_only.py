@@ -8,7 +8,6 @@ from angel_compile.ops.int8_weight_only import dequantize_int8_per_channel, quan
 from angel_compile.passes.base import PassContext
 from angel_compile.passes.quantize.weight_only import Int8WeightOnly
 from angel_compile.passes.verify import verify_graph
-
 from tests.utils import relative_error
 
 aten = torch.ops.aten
