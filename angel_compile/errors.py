@@ -19,3 +19,7 @@ class PassError(AngelCompileError):
 
 class UnsupportedError(AngelCompileError):
     """An op, dtype or shape outside what a component supports."""
+
+
+class CalibrationError(AngelCompileError):
+    """Calibration could not run or its saved state does not fit the model."""

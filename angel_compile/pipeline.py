@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,7 @@ def compile(
     stop_after: str | None = None,
     check_numerics: bool | None = None,
     progress: Callable[[str], None] | None = None,
+    calibration_data: Iterable[Any] | None = None,
 ) -> CompiledModel:
     """Capture `model` with torch.export and run the recipe's passes on it.
 
@@ -83,6 +84,8 @@ def compile(
     dynamic_shapes: as for torch.export.export, e.g. {"input_ids": {1: Dim("seq")}}.
     debug_dir (or env ANGEL_DEBUG_DIR): write each stage, its diff and a summary table.
     disable / stop_after: pass names to skip / the pass after which to stop.
+    calibration_data: batches of model inputs for recipes that calibrate (static FP8, GPTQ,
+    SmoothQuant, AWQ); each a Tensor, a tuple of args, a dict of kwargs or (args, kwargs).
     """
     resolved = load_recipe(recipe)
     manager = PassManager(
@@ -95,7 +98,9 @@ def compile(
     )
     args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
     gm = capture_model(model, args, kwargs, dynamic_shapes)
-    gm, report = manager.run(gm, PassContext(example_args=args, example_kwargs=kwargs))
+    batches = None if calibration_data is None else list(calibration_data)
+    context = PassContext(example_args=args, example_kwargs=kwargs, calibration_data=batches)
+    gm, report = manager.run(gm, context)
     return CompiledModel(gm, report, resolved, args, kwargs, dynamic_shapes)
 
 
@@ -108,7 +113,15 @@ def export_onnx(
     recipe: RecipeLike = None,
     dynamic_shapes: Any = None,
     opset_version: int = DEFAULT_OPSET,
+    calibration_data: Iterable[Any] | None = None,
 ) -> Path:
     """compile() with the recipe, then write ONNX to `path`; returns the path."""
-    compiled = compile(model, example_inputs, example_kwargs, recipe=recipe, dynamic_shapes=dynamic_shapes)
+    compiled = compile(
+        model,
+        example_inputs,
+        example_kwargs,
+        recipe=recipe,
+        dynamic_shapes=dynamic_shapes,
+        calibration_data=calibration_data,
+    )
     return compiled.export_onnx(path, opset_version)

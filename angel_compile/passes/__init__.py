@@ -2,6 +2,6 @@
 
 from angel_compile.passes.base import Pass, PassContext, PassResult, PassStats, register_pass
 from angel_compile.passes.manager import PassManager, PipelineReport
-from angel_compile.passes.quantize import weight_only  # noqa: F401  (registers int8_weight_only)
+from angel_compile.passes.quantize import quantize, weight_only  # noqa: F401  (registers the passes)
 
 __all__ = ["Pass", "PassContext", "PassManager", "PassResult", "PassStats", "PipelineReport", "register_pass"]

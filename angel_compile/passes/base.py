@@ -49,11 +49,14 @@ class PassContext:
     for calibration-free checks); None when only fake inputs exist.
     whole_model: the graph is the whole model (torch.export), not one of the pieces dynamo
     may split a model into; a pass finding nothing to apply to is then an error.
+    calibration_data: batches of model inputs for passes that calibrate (each a Tensor, a
+    tuple of args, a dict of kwargs or (args, kwargs); see calibration.normalize_batch).
     """
 
     example_args: tuple[Any, ...] | None = None
     example_kwargs: dict[str, Any] | None = None
     whole_model: bool = True
+    calibration_data: list[Any] | None = None
 
 
 class Pass:
