@@ -18,7 +18,7 @@ from typing import Any, ClassVar, get_type_hints
 import torch
 from torch import fx
 
-from angel_compile.errors import RecipeError
+from angel_compile.errors import AngelCompileError, RecipeError
 
 
 @dataclass
@@ -113,7 +113,9 @@ def build_pass(name: str, options: Mapping[str, Any], recipe_name: str = "custom
     kwargs = {key: tuple(value) if isinstance(value, list) else value for key, value in options.items()}
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
+    except RecipeError:
+        raise
+    except (TypeError, ValueError, AngelCompileError) as exc:
         raise RecipeError(f"recipe '{recipe_name}': pass '{name}': {exc}") from exc
 
 
