@@ -35,6 +35,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     generator = torch.Generator().manual_seed(0)
     example = torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator)
     dynamic = {"input_ids": {0: torch.export.Dim("batch", min=1, max=64), 1: torch.export.Dim("seq", min=2, max=512)}}
+    # Random-token batches: the example model has random weights, so any text is as good.
+    calibration = [
+        {"input_ids": torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator)}
+        for _ in range(args.calibration_batches)
+    ]
     _progress("capturing with torch.export and running the recipe's passes")
     start = time.perf_counter()
     compiled = angel_compile.compile(
@@ -47,6 +52,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         disable=args.disable,
         stop_after=args.stop_after,
         progress=_progress,
+        calibration_data=calibration,
     )
     print(f"recipe '{compiled.recipe.name}' on {args.model}: compiled in {time.perf_counter() - start:.1f} s\n")
     print(compiled.report.table())
@@ -111,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch", type=int, default=2)
     run.add_argument("--seq", type=int, default=32)
     run.add_argument("--vocab", type=int, default=256)
+    run.add_argument("--calibration-batches", type=int, default=4, help="for recipes that calibrate")
     run.add_argument("--onnx", help="also write ONNX here and check it in onnxruntime")
     run.add_argument("--debug-dir", help="write each stage's graph, diff and a summary here")
     run.add_argument("--disable", action="append", default=[], metavar="PASS", help="skip this pass")
