@@ -1,12 +1,13 @@
 import os
 
-# Triton runs on CPU only as its interpreter, and reads this when it is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without a GPU, Triton runs only as its interpreter, which it reads when imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from angel_compile.models import build_toy_model  # noqa: E402
+from angel_compile.models import build_toy_model
 
 
 def pytest_collection_modifyitems(config, items):
