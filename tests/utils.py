@@ -9,3 +9,22 @@ def dynamic_batch_seq() -> dict:
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def outlier_layer(k: int = 256, n: int = 96, rows: int = 1024, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """A synthetic linear layer for quantization tests: (weight [N, K], x_calibration, x_held_out).
+
+    Activations are correlated (a shared low-rank part) with 8 outlier channels 20× larger, as
+    in LLM hidden states; the weight has heavy-tailed rows. Held-out rows come from the same
+    distribution with fresh samples.
+    """
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(16, k, generator=g)
+
+    def activations(count: int) -> torch.Tensor:
+        x = torch.randn(count, 16, generator=g) @ mixing + torch.randn(count, k, generator=g)
+        x[:, :8] *= 20
+        return x
+
+    weight = torch.randn(n, k, generator=g) * 0.02 * torch.rand(n, 1, generator=g).add(0.5)
+    return weight, activations(rows), activations(rows // 2)

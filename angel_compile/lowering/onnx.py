@@ -8,6 +8,23 @@ nodes through the implementations in `lowering/ort.py`.
 Ops:
     Int8WeightOnlyLinear(x: T, weight: int8 [N, K], scale: float [N], bias?: T [N]) -> T
         y = (x @ weight^T) * scale + bias   (see ops/int8_weight_only.py)
+    SparseAttention(q: T [B, Hq, S, D], k: T [B, Hkv, S, D], v: T [B, Hkv, S, D]) -> T [B, Hq, S, D]
+        attributes scale, method, block_size, min_seq_len, sink_blocks, local_blocks, top_k,
+        budget_decay, threshold: block-sparse causal attention (see ops/sparse_attention.py)
+    W4A8Linear(x: float [..., K], packed: uint8 [N, K/2], scales: float [N, K/g],
+               zeros: uint8 [N, K/g] or [0], input_scale: float [1] or [0], bias: float [N] or [0])
+        -> float [..., N]; attribute group_size. An empty tensor ([0]) stands for an absent
+        input (symmetric weights, dynamic per-token activation scales, no bias), so the node
+        always has six inputs. FP8 activations × INT4 weights (see ops/int4.py).
+
+`angel::int4_weight_only_linear` needs no custom op: it becomes onnxruntime's
+`com.microsoft.MatMulNBits` (bits 4, block_size = group size), whose layout ops/int4.py
+shares. The translation only reshapes packed [N, K/2] to B [N, K/g, g/2] and scales to
+[N·K/g], and packs the zero points two per byte (low nibble = even group) with ONNX ops on
+the initializers, which the exporter's optimizer folds into constants: the file holds
+MatMulNBits alone. Our format has no K padding, so MatMulNBits' ragged last block never
+occurs. onnx's Python package has no schema for that contrib op; `register_schemas` adds
+one so the exporter can build the node (onnxruntime brings its own).
 """
 
 from __future__ import annotations
@@ -22,6 +39,7 @@ from typing import Any
 import onnx
 import torch
 from onnx.defs import OpSchema
+from onnxscript import opset18 as op
 from onnxscript import values
 
 from angel_compile.errors import UnsupportedError
@@ -33,6 +51,8 @@ ANGEL_ONNX_DOMAIN = "ai.angel"
 ANGEL_ONNX_OPSET = 1
 
 _angel = values.Opset(ANGEL_ONNX_DOMAIN, ANGEL_ONNX_OPSET)
+MICROSOFT_DOMAIN = "com.microsoft"
+_microsoft = values.Opset(MICROSOFT_DOMAIN, 1)
 _FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
 
@@ -40,6 +60,140 @@ def _int8_weight_only_linear(x, weight, scale, bias=None):
     if bias is None:
         return _angel.Int8WeightOnlyLinear(x, weight, scale)
     return _angel.Int8WeightOnlyLinear(x, weight, scale, bias)
+
+
+def _int4_weight_only_linear(x, packed, scales, zeros, group_size, bias=None):
+    n, half_k = packed.shape  # initializers: static shapes
+    k, blocks = 2 * half_k, 2 * half_k // group_size
+    b = op.Reshape(packed, op.Constant(value_ints=[n, blocks, group_size // 2]))  # [N, K/g, g/2]
+    s = op.Reshape(op.CastLike(scales, x), op.Constant(value_ints=[-1]))  # [N·K/g], in x's type
+    zero_points = None
+    if zeros is not None:
+        # uint8 [N, K/g] -> two per byte [N·⌈K/g / 2⌉], low nibble = even block, as MatMulNBits reads them.
+        z = zeros if blocks % 2 == 0 else op.Pad(zeros, op.Constant(value_ints=[0, 0, 0, 1]))
+        z = op.Reshape(z, op.Constant(value_ints=[n, (blocks + 1) // 2, 2]))
+        axis = op.Constant(value_ints=[2])
+        low = op.Slice(z, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]), axis)
+        high = op.Slice(z, op.Constant(value_ints=[1]), op.Constant(value_ints=[2]), axis)
+        four = op.Constant(value=onnx.helper.make_tensor("four", onnx.TensorProto.UINT8, [], [4]))
+        packed_zeros = op.BitwiseOr(low, op.BitShift(high, four, direction="LEFT"))
+        zero_points = op.Reshape(packed_zeros, op.Constant(value_ints=[-1]))
+    bias = None if bias is None else op.CastLike(bias, x)
+    return _microsoft.MatMulNBits(x, b, s, zero_points, None, bias, K=k, N=n, bits=4, block_size=group_size)
+
+
+def _w4a8_linear(x, packed, scales, zeros, group_size, input_scale=None, bias=None):
+    def empty(dtype: int):
+        return op.Constant(value=onnx.helper.make_tensor("empty", dtype, [0], []))
+
+    float32 = onnx.TensorProto.FLOAT
+    return _angel.W4A8Linear(
+        x,
+        packed,
+        op.Cast(scales, to=float32),
+        empty(onnx.TensorProto.UINT8) if zeros is None else zeros,
+        empty(float32)
+        if input_scale is None
+        else op.Reshape(op.Cast(input_scale, to=float32), op.Constant(value_ints=[1])),
+        empty(float32) if bias is None else op.Cast(bias, to=float32),
+        group_size=group_size,
+    )
+
+
+def _sparse_attention(
+    q, k, v, scale, method, block_size, min_seq_len, sink_blocks, local_blocks, top_k, budget_decay, threshold
+):
+    return _angel.SparseAttention(
+        q,
+        k,
+        v,
+        scale=scale,
+        method=method,
+        block_size=block_size,
+        min_seq_len=min_seq_len,
+        sink_blocks=sink_blocks,
+        local_blocks=local_blocks,
+        top_k=top_k,
+        budget_decay=budget_decay,
+        threshold=threshold,
+    )
+
+
+def _sparse_attention_schema() -> OpSchema:
+    param = OpSchema.FormalParameter
+    attr = OpSchema.Attribute
+    kinds = OpSchema.AttrType
+    return OpSchema(
+        "SparseAttention",
+        ANGEL_ONNX_DOMAIN,
+        ANGEL_ONNX_OPSET,
+        doc="Block-sparse causal prefill attention with GQA (angel::sparse_attention).",
+        inputs=[param("q", "T"), param("k", "T"), param("v", "T")],
+        outputs=[param("out", "T")],
+        type_constraints=[("T", _FLOAT_TYPES, "activation type")],
+        attributes=[
+            attr("scale", kinds.FLOAT, "softmax scale"),
+            attr("method", kinds.STRING, "static, stem or s2o"),
+            *(
+                attr(name, kinds.INT, name)
+                for name in ("block_size", "min_seq_len", "sink_blocks", "local_blocks", "top_k")
+            ),
+            attr("budget_decay", kinds.FLOAT, "stem budget decay"),
+            attr("threshold", kinds.FLOAT, "s2o stopping ratio"),
+        ],
+    )
+
+
+def _w4a8_linear_schema() -> OpSchema:
+    param = OpSchema.FormalParameter
+    return OpSchema(
+        "W4A8Linear",
+        ANGEL_ONNX_DOMAIN,
+        ANGEL_ONNX_OPSET,
+        doc="FP8 (E4M3) activations x INT4 group-wise weights (angel::w4a8_linear); empty inputs are absent.",
+        inputs=[
+            param("x", "tensor(float)"),
+            param("packed", "tensor(uint8)"),
+            param("scales", "tensor(float)"),
+            param("zeros", "tensor(uint8)"),
+            param("input_scale", "tensor(float)"),
+            param("bias", "tensor(float)"),
+        ],
+        outputs=[param("y", "tensor(float)")],
+        attributes=[OpSchema.Attribute("group_size", OpSchema.AttrType.INT, "weights per scale along K")],
+    )
+
+
+def _matmul_nbits_schema() -> OpSchema:
+    """onnxruntime's contrib op, as far as the exporter needs to know it."""
+    param = OpSchema.FormalParameter
+    optional = OpSchema.FormalParameterOption.Optional
+    attr, kinds = OpSchema.Attribute, OpSchema.AttrType
+    return OpSchema(
+        "MatMulNBits",
+        MICROSOFT_DOMAIN,
+        1,
+        doc="onnxruntime contrib op: Y = A @ dequantize(B)ᵀ + bias, block-wise quantized B.",
+        inputs=[
+            param("A", "T1"),
+            param("B", "T2"),
+            param("scales", "T1"),
+            param("zero_points", "T3", param_option=optional),
+            param("g_idx", "T4", param_option=optional),
+            param("bias", "T1", param_option=optional),
+        ],
+        outputs=[param("Y", "T1")],
+        type_constraints=[
+            ("T1", _FLOAT_TYPES, "activation type"),
+            ("T2", ["tensor(uint8)"], "packed weights"),
+            ("T3", ["tensor(uint8)", *_FLOAT_TYPES], "zero points"),
+            ("T4", ["tensor(int32)"], "group index"),
+        ],
+        attributes=[
+            *(attr(name, kinds.INT, name) for name in ("K", "N", "bits", "block_size")),
+            attr("accuracy_level", kinds.INT, "accuracy level", required=False),
+        ],
+    )
 
 
 def _schemas() -> list[OpSchema]:
@@ -59,13 +213,21 @@ def _schemas() -> list[OpSchema]:
             ],
             outputs=[param("y", "T")],
             type_constraints=[("T", _FLOAT_TYPES, "activation type")],
-        )
+        ),
+        _sparse_attention_schema(),
+        _w4a8_linear_schema(),
+        _matmul_nbits_schema(),
     ]
 
 
 def translation_table() -> dict[Any, Any]:
     """torch op overload -> onnxscript translation, for torch.onnx.export."""
-    return {torch.ops.angel.int8_weight_only_linear.default: _int8_weight_only_linear}
+    return {
+        torch.ops.angel.int8_weight_only_linear.default: _int8_weight_only_linear,
+        torch.ops.angel.sparse_attention.default: _sparse_attention,
+        torch.ops.angel.int4_weight_only_linear.default: _int4_weight_only_linear,
+        torch.ops.angel.w4a8_linear.default: _w4a8_linear,
+    }
 
 
 def register_schemas() -> None:

@@ -39,9 +39,58 @@ def _int8_weight_only_linear_bias(x, weight, scale, bias):
     return _int8_linear(x, weight, scale) + bias
 
 
+_SPARSE_ATTENTION_ATTRS = {
+    "scale": PyCustomOpDef.dt_float,
+    "method": PyCustomOpDef.dt_string,
+    **dict.fromkeys(("block_size", "min_seq_len", "sink_blocks", "local_blocks", "top_k"), PyCustomOpDef.dt_int64),
+    "budget_decay": PyCustomOpDef.dt_float,
+    "threshold": PyCustomOpDef.dt_float,
+}
+
+
+@onnx_op(op_type="AngelSparseAttention", inputs=[_F32] * 3, outputs=[_F32], attrs=_SPARSE_ATTENTION_ATTRS)
+def _sparse_attention(q, k, v, scale, method, **parameters):
+    # The selection methods are defined once (sparse/selection.py): the op's PyTorch reference
+    # runs on the numpy buffers (zero-copy) rather than a second implementation that could drift.
+    import torch
+
+    from angel_compile.ops.sparse_attention import sparse_attention_reference
+    from angel_compile.sparse.selection import SparseAttentionConfig
+
+    config = SparseAttentionConfig(method=method, **parameters)
+    tensors = (torch.from_numpy(np.ascontiguousarray(x)) for x in (q, k, v))
+    with torch.no_grad():
+        return sparse_attention_reference(*tensors, scale, config).numpy()
+
+
+@onnx_op(
+    op_type="AngelW4A8Linear",
+    inputs=[_F32, PyCustomOpDef.dt_uint8, _F32, PyCustomOpDef.dt_uint8, _F32, _F32],
+    outputs=[_F32],
+    attrs={"group_size": PyCustomOpDef.dt_int64},
+)
+def _w4a8_linear(x, packed, scales, zeros, input_scale, bias, group_size):
+    # The FP8 rounding is torch's (numpy has no float8): the op's reference runs on the buffers.
+    import torch
+
+    from angel_compile.ops.int4 import w4a8_linear_reference
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a))
+
+    def optional(a: np.ndarray) -> torch.Tensor | None:
+        return tensor(a) if a.size else None  # an empty tensor stands for an absent input
+
+    weights = (tensor(packed), tensor(scales), optional(zeros), int(group_size))
+    with torch.no_grad():
+        return w4a8_linear_reference(tensor(x), *weights, optional(input_scale), optional(bias)).numpy()
+
+
 # op type in our domain -> {number of inputs: implementation op type in EXTENSIONS_DOMAIN}
 IMPLEMENTATIONS = {
     "Int8WeightOnlyLinear": {3: "AngelInt8WeightOnlyLinear", 4: "AngelInt8WeightOnlyLinearBias"},
+    "SparseAttention": {3: "AngelSparseAttention"},
+    "W4A8Linear": {6: "AngelW4A8Linear"},
 }
 
 

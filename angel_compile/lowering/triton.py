@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from angel_compile.ops.int4 import int4_weight_only_linear, w4a8_linear
 from angel_compile.ops.int8_weight_only import int8_weight_only_linear
+from angel_compile.ops.sparse_attention import sparse_attention
 
 
 @int8_weight_only_linear.register_kernel("cuda")
@@ -18,3 +20,76 @@ def _int8_weight_only_linear_cuda(
     from angel_compile.kernels.int8_weight_only import int8_weight_only_linear_triton
 
     return int8_weight_only_linear_triton(x, weight, scale, bias)
+
+
+@sparse_attention.register_kernel("cuda")
+def _sparse_attention_cuda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    method: str,
+    block_size: int,
+    min_seq_len: int,
+    sink_blocks: int,
+    local_blocks: int,
+    top_k: int,
+    budget_decay: float,
+    threshold: float,
+) -> torch.Tensor:
+    from angel_compile.ops.sparse_attention import sparse_attention_forward
+    from angel_compile.sparse.selection import SparseAttentionConfig
+
+    config = SparseAttentionConfig(
+        method, block_size, min_seq_len, sink_blocks, local_blocks, top_k, budget_decay, threshold
+    )
+    # Selection runs as PyTorch ops on the GPU (why: sparse/selection.py), attention in Triton.
+    return sparse_attention_forward(q, k, v, scale, config, _block_sparse_attention_cuda)
+
+
+def _block_sparse_attention_cuda(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor, scale: float, block_size: int
+) -> torch.Tensor:
+    from angel_compile.kernels.block_sparse_attention import block_sparse_attention_triton
+    from angel_compile.ops import sparse_attention as op
+    from angel_compile.sparse.selection import block_mask_to_index
+
+    supported = (
+        q.shape[-1] in op.SUPPORTED_HEAD_DIMS
+        and q.dtype in op.SUPPORTED_DTYPES
+        and block_size in op.SUPPORTED_BLOCK_SIZES
+    )
+    if not supported:
+        # The pass emits only what the kernel supports; a hand-built call still gets the right answer.
+        return op.block_masked_attention(q, k, v, block_mask, scale, block_size)
+    index, count = block_mask_to_index(block_mask)
+    return block_sparse_attention_triton(q, k, v, index, count, scale, block_size)
+
+
+@int4_weight_only_linear.register_kernel("cuda")
+def _int4_weight_only_linear_cuda(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    from angel_compile.kernels.int4_gemm import int4_weight_only_linear_triton
+
+    return int4_weight_only_linear_triton(x, packed, scales, zeros, group_size, bias)
+
+
+@w4a8_linear.register_kernel("cuda")
+def _w4a8_linear_cuda(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    input_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    from angel_compile.kernels.int4_gemm import w4a8_linear_triton
+
+    return w4a8_linear_triton(x, packed, scales, zeros, group_size, input_scale, bias)

@@ -1,0 +1,175 @@
+"""Triton block-sparse FlashAttention forward for causal prefill with GQA.
+
+q [B, Hq, S, D], k/v [B, Hkv, S, D] (fp16 / bf16; fp32 for the interpreter), D in {64, 128},
+out [B, Hq, S, D] (stored [B, S, Hq, D]); query head h reads key/value head h // (Hq / Hkv).
+block_index int32 [B, Hq, n, max_kblocks] lists the key blocks of each query block
+(block = `block_size` tokens for queries and keys), block_count int32 [B, Hq, n] how many.
+Contract (what `selection.block_mask_to_index` produces): each list holds at least one block,
+its entries are <= the query block, and every entry but the last is < the query block (the
+lists are ascending and end with the diagonal block). Off-diagonal blocks then need no mask;
+the last one gets the token-causal mask k <= q and the sequence-end mask.
+
+One program per (query block, batch · head): BLOCK_M = block_size query rows, key blocks
+read as block_size / BLOCK_N tiles of BLOCK_N keys in one flat loop (so the pipeliner sees
+one loop over tiles whose addresses come from the index), FlashAttention-2 online softmax
+in base 2 (s · log2 e folded into one multiply), fp32 accumulators. The last query blocks
+(the longest causal rows) are launched first. At 100% density this is a dense causal kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from angel_compile.ops.sparse_attention import SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS
+
+LOG2E = 1.4426950408889634
+
+
+def _configs(block_size: int) -> list[triton.Config]:
+    # H100 space for FA-2-style forward kernels: 64/128-key tiles, 4 or 8 warps, 2-4 stages.
+    return [
+        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bn in (64, 128)
+        if bn <= block_size
+        for w in (4, 8)
+        for s in (2, 3, 4)
+    ]
+
+
+@triton.jit
+def _attend_tile(q, k_tile_ptrs, v_tile_ptrs, m_i, l_i, acc, offs_m, offs_n, start, S, qk_scale,
+                 CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    if CAUSAL:
+        k_valid = (start + offs_n) < S
+        k = tl.load(k_tile_ptrs, mask=k_valid[None, :], other=0.0)  # [D, BLOCK_N]
+        v = tl.load(v_tile_ptrs, mask=k_valid[:, None], other=0.0)  # [BLOCK_N, D]
+    else:
+        k = tl.load(k_tile_ptrs)
+        v = tl.load(v_tile_ptrs)
+    qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+    if CAUSAL:
+        qk = tl.where((start + offs_n)[None, :] <= offs_m[:, None], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _block_sparse_attention_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, index_ptr, count_ptr,
+    qk_scale, S, H, GROUP, N_QBLOCKS,
+    S_BUCKET,  # autotuning key only: next power of two of S
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
+    stride_ib, stride_ih, stride_iq,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_S: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    qb = N_QBLOCKS - 1 - tl.program_id(0)  # longest rows first: better tail balance
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    kvh = h // GROUP
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] query positions
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q_ptrs = q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
+    if EVEN_S:
+        q = tl.load(q_ptrs)  # [BLOCK_M, D]
+    else:
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < S, other=0.0)
+    # k read transposed as [D, BLOCK_N] tiles, v as [BLOCK_N, D]
+    k_base = k_ptr + b * stride_kb + kvh * stride_kh + offs_n[None, :] * stride_ks + offs_d[:, None]
+    v_base = v_ptr + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
+    index_base = index_ptr + b * stride_ib + h * stride_ih + qb * stride_iq
+    count = tl.load(count_ptr + bh * N_QBLOCKS + qb)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    TILES: tl.constexpr = BLOCK_M // BLOCK_N
+    # Off-diagonal blocks: entries 0 .. count-2, no masks.
+    for t in range(0, (count - 1) * TILES):
+        kb = tl.load(index_base + t // TILES)
+        start = kb * BLOCK_M + (t % TILES) * BLOCK_N
+        m_i, l_i, acc = _attend_tile(
+            q, k_base + start * stride_ks, v_base + start * stride_vs, m_i, l_i, acc,
+            offs_m, offs_n, start, S, qk_scale, False, DOT_PRECISION,
+        )  # fmt: skip
+    # The last entry (the diagonal block): token-causal and sequence-end masks.
+    kb = tl.load(index_base + count - 1)
+    for tile in tl.static_range(TILES):
+        start = kb * BLOCK_M + tile * BLOCK_N
+        m_i, l_i, acc = _attend_tile(
+            q, k_base + start * stride_ks, v_base + start * stride_vs, m_i, l_i, acc,
+            offs_m, offs_n, start, S, qk_scale, True, DOT_PRECISION,
+        )  # fmt: skip
+
+    out = acc / l_i[:, None]
+    o_ptrs = o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    if EVEN_S:
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty))
+    else:
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < S)
+
+
+_TUNED = {
+    block_size: triton.autotune(configs=_configs(block_size), key=["HEAD_DIM", "BLOCK_M", "EVEN_S", "S_BUCKET"])(
+        _block_sparse_attention_kernel
+    )
+    for block_size in SUPPORTED_BLOCK_SIZES
+}
+
+
+def block_sparse_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_index: torch.Tensor,
+    block_count: torch.Tensor,
+    scale: float,
+    block_size: int,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Launch on the module's contract; `config` ({"BLOCK_N", "num_warps", "num_stages"}) skips autotuning."""
+    bsz, heads, seq, dim = q.shape
+    n = triton.cdiv(seq, block_size)
+    if dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {dim} is not supported {SUPPORTED_HEAD_DIMS}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    block_index = block_index.contiguous()
+    block_count = block_count.contiguous()
+    # stored [B, S, H, D] like SDPA's output, so transposing it back is free
+    out = torch.empty((bsz, seq, heads, dim), dtype=q.dtype, device=q.device).transpose(1, 2)
+    args = (
+        q, k, v, out, block_index, block_count,
+        scale * LOG2E, seq, heads, heads // k.shape[1], n, triton.next_power_of_2(seq),
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        block_index.stride(0), block_index.stride(1), block_index.stride(2),
+    )  # fmt: skip
+    meta = dict(
+        HEAD_DIM=dim,
+        BLOCK_M=block_size,
+        EVEN_S=seq % block_size == 0,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    grid = (n, bsz * heads)
+    if config:
+        _block_sparse_attention_kernel[grid](*args, **meta, **config)
+    else:
+        if block_size not in _TUNED:
+            raise ValueError(f"block_size {block_size} has no tuned configs ({sorted(_TUNED)})")
+        # Tuned once per power-of-two bucket of S (S_BUCKET), not for every sequence length.
+        _TUNED[block_size][grid](*args, **meta)
+    return out

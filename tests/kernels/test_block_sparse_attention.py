@@ -1,0 +1,91 @@
+"""The block-sparse attention Triton kernel, run by the Triton interpreter on CPU, vs the reference."""
+
+import pytest
+import torch
+
+from angel_compile.kernels.block_sparse_attention import block_sparse_attention_triton
+from angel_compile.ops.sparse_attention import (
+    block_masked_attention,
+    block_sparse_attention_reference,
+    dense_causal_attention,
+)
+from angel_compile.sparse.selection import SparseAttentionConfig, block_mask_to_index, causal_block_mask, select_blocks
+from tests.utils import relative_error
+
+SCALE = 0.125
+
+
+def _qkv(seq: int, dtype: torch.dtype, heads: int = 4, kv_heads: int = 2, dim: int = 64, seed: int = 0):
+    torch.manual_seed(seed)
+    return (torch.randn(1, h, seq, dim, dtype=dtype) for h in (heads, kv_heads, kv_heads))
+
+
+def _bound(dtype: torch.dtype) -> float:
+    return 1e-5 if dtype == torch.float32 else 2e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("block_n", [64, 32])  # one tile per key block, and two
+def test_full_density_is_dense_causal_attention(dtype, block_n):
+    q, k, v = _qkv(256, dtype)
+    index, count = block_mask_to_index(causal_block_mask(4).expand(1, 4, 4, 4))
+    out = block_sparse_attention_triton(q, k, v, index, count, SCALE, 64, config={"BLOCK_N": block_n})
+    expected = dense_causal_attention(q.float(), k.float(), v.float(), SCALE)
+    assert out.dtype == dtype and out.shape == (1, 4, 256, 64)
+    assert relative_error(out, expected) < _bound(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("method", ["stem", "s2o"])
+def test_selected_blocks_match_the_reference_with_gqa(dtype, method):
+    q, k, v = _qkv(256, dtype, heads=4, kv_heads=1)
+    config = SparseAttentionConfig(method, 64, 0, sink_blocks=1, local_blocks=0, top_k=1, threshold=0.4)
+    index, count = block_mask_to_index(select_blocks(q.float(), k.float(), v.float(), config, SCALE))
+    out = block_sparse_attention_triton(q, k, v, index, count, SCALE, 64, config={"BLOCK_N": 64})
+    expected = block_sparse_attention_reference(q.float(), k.float(), v.float(), index, SCALE, 64)
+    assert relative_error(out, expected) < _bound(dtype)
+
+
+def test_sequence_not_a_multiple_of_the_block():
+    q, k, v = _qkv(200, torch.float32, heads=2, kv_heads=2)
+    mask = causal_block_mask(4).expand(1, 2, 4, 4).clone()
+    mask[..., 3, 1] = False  # a gap before the (partial) last block
+    index, count = block_mask_to_index(mask)
+    out = block_sparse_attention_triton(q, k, v, index, count, SCALE, 64, config={"BLOCK_N": 64})
+    expected = block_sparse_attention_reference(q, k, v, index, SCALE, 64)
+    assert relative_error(out, expected) < 1e-5
+
+
+def test_block_of_128_with_64_key_tiles():
+    q, k, v = _qkv(256, torch.float16, heads=2, kv_heads=1)
+    index, count = block_mask_to_index(causal_block_mask(2).expand(1, 2, 2, 2))
+    out = block_sparse_attention_triton(q, k, v, index, count, SCALE, 128, config={"BLOCK_N": 64})
+    expected = dense_causal_attention(q.float(), k.float(), v.float(), SCALE)
+    assert relative_error(out, expected) < 2e-3
+
+
+def test_output_is_stored_like_sdpa_output():
+    q, k, v = _qkv(128, torch.float32, heads=2, kv_heads=2)
+    index, count = block_mask_to_index(causal_block_mask(2).expand(1, 2, 2, 2))
+    out = block_sparse_attention_triton(q, k, v, index, count, SCALE, 64, config={"BLOCK_N": 64})
+    assert out.transpose(1, 2).is_contiguous()  # [B, S, H, D] in memory
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_autotuned_matches_reference(dim, dtype):
+    torch.manual_seed(0)
+    q = torch.randn(1, 8, 4096, dim, dtype=dtype, device="cuda")
+    k, v = (torch.randn(1, 2, 4096, dim, dtype=dtype, device="cuda") for _ in range(2))
+    for method in ("static", "stem", "s2o"):
+        config = SparseAttentionConfig(method, 128, 0, top_k=8)
+        index, count = block_mask_to_index(select_blocks(q, k, v, config, dim**-0.5))
+        out = block_sparse_attention_triton(q, k, v, index, count, dim**-0.5, 128)
+        expected = block_sparse_attention_reference(q.float(), k.float(), v.float(), index, dim**-0.5, 128)
+        assert relative_error(out, expected) < 1e-2
+    config = SparseAttentionConfig("stem", 128, 0, top_k=8)
+    out = torch.ops.angel.sparse_attention(q, k, v, dim**-0.5, "stem", 128, 0, 1, 2, 8, 0.5, 0.02)  # the kernel
+    mask = select_blocks(q, k, v, config, dim**-0.5)  # what the op selects from the same inputs
+    expected = block_masked_attention(q.float(), k.float(), v.float(), mask, dim**-0.5, 128)
+    assert relative_error(out, expected) < 1e-2
