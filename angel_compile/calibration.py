@@ -141,6 +141,21 @@ class CalibrationState:
             state.check_fits(expected_layers, str(path))
         return state
 
+    def check_statistics(self, wanted: Mapping[str, set[str]], origin: str = "calibration state") -> None:
+        """Raise CalibrationError unless every layer's statistics hold what `wanted` asks for."""
+        lacking = {}
+        for layer, needs in sorted(wanted.items()):
+            stats = self.for_layer(layer)
+            absent = sorted(n for n in needs if n in ("amax", "hessian", "sample") and getattr(stats, n) is None)
+            if absent:
+                lacking[layer] = absent
+        if lacking:
+            shown = "; ".join(f"{layer}: {names}" for layer, names in list(lacking.items())[:8])
+            raise CalibrationError(
+                f"{origin} lacks statistics these schemes need ({shown}{' ...' if len(lacking) > 8 else ''}); "
+                "it was saved by a run that did not collect them: calibrate again with calibration_data"
+            )
+
     def check_fits(self, expected_layers: Mapping[str, int], origin: str = "calibration state") -> None:
         missing = sorted(set(expected_layers) - set(self.layer_inputs))
         wrong = sorted(

@@ -23,3 +23,7 @@ class UnsupportedError(AngelCompileError):
 
 class CalibrationError(AngelCompileError):
     """Calibration could not run or its saved state does not fit the model."""
+
+
+class MissingDependencyError(AngelCompileError):
+    """A package or data file angel-compile needs is not installed; the message names the command."""

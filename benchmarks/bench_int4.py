@@ -6,9 +6,12 @@ call rotates over > 200 MB of weight copies, so every weight byte comes from HBM
 weight would otherwise sit in the 50 MB L2). Correctness is checked first against the float64
 reference. GB/s counts the bytes each side must move (weight, scales, zeros, x, y) over its time.
 
-    python benchmarks/bench_int4.py [--quick] [--sweep]
+    python benchmarks/bench_int4.py [--quick] [--sweep] [--variants]
 
 --sweep first times GEMV (M = 1) and small-M (M = 16) tile variants and prints them.
+--variants times only M = 1: bf16 and every GEMV kernel variant (the byte kernel's
+GEMV_CONFIG and GEMV_VARIANTS: `_gemv_kernel` and `_gemv_words_kernel` tiles, split K), and
+prints one table with each variant's speedup over bf16 from the same run.
 """
 
 from __future__ import annotations
@@ -42,6 +45,24 @@ GEMV_SWEEP = [
         (16, 1024, 4, 3),
         (32, 512, 8, 3),
         (8, 1024, 4, 4),
+    ]
+]
+# M = 1 kernels compared by --variants: (KERNEL, BLOCK_N, BLOCK_K, SPLIT_K, warps, stages).
+GEMV_VARIANTS = [
+    {"KERNEL": kernel, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w, "num_stages": s}
+    for kernel, bn, bk, sk, w, s in [
+        ("bytes", 16, 512, 1, 4, 3),
+        ("words", 16, 512, 1, 4, 3),
+        ("words", 32, 512, 1, 4, 3),
+        ("words", 32, 256, 1, 4, 4),
+        ("words", 64, 256, 1, 8, 3),
+        ("words", 16, 1024, 1, 4, 3),
+        ("words", 8, 512, 1, 4, 3),
+        ("words", 32, 512, 2, 4, 3),
+        ("words", 64, 512, 2, 8, 3),
+        ("words", 64, 512, 4, 8, 3),
+        ("words", 32, 256, 4, 4, 4),
+        ("words", 128, 256, 4, 8, 3),
     ]
 ]
 SMALL_M_SWEEP = [
@@ -95,10 +116,51 @@ def _sweep(rep: int) -> None:
                 print(f"{role} M={m} {config}: {us:.2f} µs, rel. err {error:.1e}")
 
 
+def _variants(rep: int) -> None:
+    """M = 1: bf16 and each GEMV variant on HBM-resident weights, one table of same-run ratios."""
+    print("\n## GEMV variants, M = 1 (µs per weight copy, CUDA graphs; speedup = bf16 / variant)")
+    print("| shape (N×K) | variant | µs | speedup vs bf16 | int4 GB/s | rel. err |")
+    print("|---|---|---|---|---|---|")
+    for role, n, k in SHAPES:
+        copies = math.ceil(ROTATED_BYTES / (n * k * 2))
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        qs = [quantize_int4_rtn(w, GROUP) for w in weights]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+
+        def bf16(x=x, weights=weights, bias=bias) -> None:
+            for w in weights:
+                F.linear(x, w, bias)
+
+        bf16_us = _time(bf16, rep) * 1e3 / copies
+        print(f"| {role} {n}×{k} | bf16 F.linear | {bf16_us:.2f} | 1.00× | - | - |", flush=True)
+        expected = int4_weight_only_linear_reference(
+            x.double(), qs[0].packed, qs[0].scales.double(), qs[0].zeros, GROUP, bias.double()
+        )
+        int4_bytes = n * k // 2 + 3 * n * (k // GROUP) + (k + 2 * n) * 2
+        for config in GEMV_VARIANTS:
+            name = " ".join(f"{key}={value}" for key, value in config.items())
+
+            def int4(x=x, qs=qs, config=config, bias=bias) -> torch.Tensor:
+                for q in qs:
+                    y = int4_weight_only_linear_triton(x, q.packed, q.scales, q.zeros, GROUP, bias, config=config)
+                return y
+
+            try:
+                error = _error(int4(qs=qs[:1]), expected)
+                us = _time(int4, rep) * 1e3 / copies
+            except Exception as exc:  # a tile that does not compile or fit: report it, time the rest
+                print(f"| {role} {n}×{k} | {name} | failed: {type(exc).__name__}: {str(exc)[:80]} | | | |")
+                continue
+            gbps = int4_bytes / us / 1e3
+            print(f"| {role} {n}×{k} | {name} | {us:.2f} | {bf16_us / us:.2f}× | {gbps:,.0f} | {error:.1e} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--sweep", action="store_true", help="time tile variants first")
+    parser.add_argument("--variants", action="store_true", help="only M = 1: bf16 vs every GEMV kernel variant")
     args = parser.parse_args()
     rep = 50 if args.quick else 300
     print(
@@ -106,6 +168,9 @@ def main() -> None:
         f"torch {torch.__version__}, triton {triton.__version__}"
     )
     print(f"GEMV_CONFIG {int4_gemm.GEMV_CONFIG}, SMALL_M_CONFIG {int4_gemm.SMALL_M_CONFIG}")
+    if args.variants:
+        _variants(rep)
+        return
     if args.sweep:
         _sweep(50)
     rows = []

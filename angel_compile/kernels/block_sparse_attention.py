@@ -9,11 +9,14 @@ its entries are <= the query block, and every entry but the last is < the query 
 lists are ascending and end with the diagonal block). Off-diagonal blocks then need no mask;
 the last one gets the token-causal mask k <= q and the sequence-end mask.
 
-One program per (query block, batch · head): BLOCK_M = block_size query rows, key blocks
+One program per (batch · head, query block): BLOCK_M = block_size query rows, key blocks
 read as block_size / BLOCK_N tiles of BLOCK_N keys in one flat loop (so the pipeliner sees
 one loop over tiles whose addresses come from the index), FlashAttention-2 online softmax
-in base 2 (s · log2 e folded into one multiply), fp32 accumulators. The last query blocks
-(the longest causal rows) are launched first. At 100% density this is a dense causal kernel.
+in base 2 (s · log2 e folded into one multiply), fp32 accumulators, p·v accumulated in the
+MMA. The grid is (batch · head, query block) with heads fastest: the query heads of a GQA
+group, which read the same K/V, run at the same time (K/V come from L2 after the first), and
+the last query blocks (the longest causal rows) are launched first. At 100% density this is
+a dense causal kernel.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ def _attend_tile(q, k_tile_ptrs, v_tile_ptrs, m_i, l_i, acc, offs_m, offs_n, sta
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    # p·v accumulates into acc inside the MMA (no separate add of a [BLOCK_M, D] product)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
 
@@ -72,8 +76,11 @@ def _block_sparse_attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN_S: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    qb = N_QBLOCKS - 1 - tl.program_id(0)  # longest rows first: better tail balance
-    bh = tl.program_id(1)
+    # Heads vary fastest: the heads of one query block run side by side, so the query heads
+    # of a GQA group read the same K/V blocks from L2, and the longest rows of every head
+    # run first (better tail balance).
+    bh = tl.program_id(0)
+    qb = N_QBLOCKS - 1 - tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     kvh = h // GROUP
@@ -164,7 +171,7 @@ def block_sparse_attention_triton(
         EVEN_S=seq % block_size == 0,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    grid = (n, bsz * heads)
+    grid = (bsz * heads, n)
     if config:
         _block_sparse_attention_kernel[grid](*args, **meta, **config)
     else:

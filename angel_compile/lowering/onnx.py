@@ -25,6 +25,10 @@ the initializers, which the exporter's optimizer folds into constants: the file 
 MatMulNBits alone. Our format has no K padding, so MatMulNBits' ragged last block never
 occurs. onnx's Python package has no schema for that contrib op; `register_schemas` adds
 one so the exporter can build the node (onnxruntime brings its own).
+
+`angel::fp8_linear` and `angel::w8a8_int8_linear` need no custom op either: standard
+QuantizeLinear / DequantizeLinear (float8e4m3fn), Cast, Round and MatMulInteger at opset ≥ 19
+(`lowering/onnx_fp8_int8.py`); `export_onnx_program` raises the opset for graphs holding them.
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ from onnxscript import opset18 as op
 from onnxscript import values
 
 from angel_compile.errors import UnsupportedError
+from angel_compile.lowering.onnx_fp8_int8 import REQUIRED_OPSET
+from angel_compile.lowering.onnx_fp8_int8 import TRANSLATIONS as FP8_INT8_TRANSLATIONS
+from angel_compile.lowering.onnx_lowbit import SCHEMAS as LOWBIT_SCHEMAS
+from angel_compile.lowering.onnx_lowbit import TRANSLATIONS as LOWBIT_TRANSLATIONS
+from angel_compile.lowering.onnx_prune_tokens import SCHEMAS as PRUNE_TOKENS_SCHEMAS
+from angel_compile.lowering.onnx_prune_tokens import TRANSLATIONS as PRUNE_TOKENS_TRANSLATIONS
 
 # opset 23 + optimization fails in onnxruntime 1.32 with dynamic shapes.
 from angel_compile.pipeline import DEFAULT_OPSET
@@ -217,6 +227,8 @@ def _schemas() -> list[OpSchema]:
         _sparse_attention_schema(),
         _w4a8_linear_schema(),
         _matmul_nbits_schema(),
+        *LOWBIT_SCHEMAS,
+        *PRUNE_TOKENS_SCHEMAS,
     ]
 
 
@@ -227,6 +239,9 @@ def translation_table() -> dict[Any, Any]:
         torch.ops.angel.sparse_attention.default: _sparse_attention,
         torch.ops.angel.int4_weight_only_linear.default: _int4_weight_only_linear,
         torch.ops.angel.w4a8_linear.default: _w4a8_linear,
+        **FP8_INT8_TRANSLATIONS,
+        **LOWBIT_TRANSLATIONS,
+        **PRUNE_TOKENS_TRANSLATIONS,
     }
 
 
@@ -259,8 +274,15 @@ def export_onnx_program(
     dynamic_shapes: Any = None,
     opset_version: int = DEFAULT_OPSET,
 ) -> Path:
-    """Export with torch.onnx (dynamo) and our translations; returns the written path."""
+    """Export with torch.onnx (dynamo) and our translations; returns the written path.
+
+    A graph holding ops whose translation needs a newer opset (`REQUIRED_OPSET`: FP8 / INT8
+    Q/DQ need 19) is exported at that opset instead of a lower `opset_version`.
+    """
     register_schemas()
+    if isinstance(module, torch.fx.GraphModule):
+        targets = {n.target for n in module.graph.nodes if n.op == "call_function"}
+        opset_version = max([opset_version] + [REQUIRED_OPSET[t] for t in targets if t in REQUIRED_OPSET])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:

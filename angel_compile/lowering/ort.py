@@ -19,6 +19,8 @@ from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
 from angel_compile.errors import UnsupportedError
 from angel_compile.lowering.onnx import ANGEL_ONNX_DOMAIN
+from angel_compile.lowering.ort_lowbit import IMPLEMENTATIONS as LOWBIT_IMPLEMENTATIONS
+from angel_compile.lowering.ort_prune_tokens import IMPLEMENTATIONS as PRUNE_TOKENS_IMPLEMENTATIONS
 
 EXTENSIONS_DOMAIN = "ai.onnx.contrib"
 _F32, _I8 = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int8
@@ -91,6 +93,8 @@ IMPLEMENTATIONS = {
     "Int8WeightOnlyLinear": {3: "AngelInt8WeightOnlyLinear", 4: "AngelInt8WeightOnlyLinearBias"},
     "SparseAttention": {3: "AngelSparseAttention"},
     "W4A8Linear": {6: "AngelW4A8Linear"},
+    **LOWBIT_IMPLEMENTATIONS,
+    **PRUNE_TOKENS_IMPLEMENTATIONS,
 }
 
 

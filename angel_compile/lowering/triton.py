@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import torch
 
+from angel_compile.ops.fp8_linear import fp8_linear
+from angel_compile.ops.int2 import int2_weight_only_linear
 from angel_compile.ops.int4 import int4_weight_only_linear, w4a8_linear
 from angel_compile.ops.int8_weight_only import int8_weight_only_linear
+from angel_compile.ops.prune_tokens import prune_tokens
 from angel_compile.ops.sparse_attention import sparse_attention
+from angel_compile.ops.ternary import ternary_3of4_linear
+from angel_compile.ops.w8a8_int8 import w8a8_int8_linear
 
 
 @int8_weight_only_linear.register_kernel("cuda")
@@ -51,17 +56,20 @@ def _block_sparse_attention_cuda(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor, scale: float, block_size: int
 ) -> torch.Tensor:
     from angel_compile.kernels.block_sparse_attention import block_sparse_attention_triton
-    from angel_compile.ops import sparse_attention as op
+    from angel_compile.ops.sparse_attention import (
+        SUPPORTED_BLOCK_SIZES,
+        SUPPORTED_DTYPES,
+        SUPPORTED_HEAD_DIMS,
+        block_masked_attention,
+    )
     from angel_compile.sparse.selection import block_mask_to_index
 
     supported = (
-        q.shape[-1] in op.SUPPORTED_HEAD_DIMS
-        and q.dtype in op.SUPPORTED_DTYPES
-        and block_size in op.SUPPORTED_BLOCK_SIZES
+        q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dtype in SUPPORTED_DTYPES and block_size in SUPPORTED_BLOCK_SIZES
     )
     if not supported:
         # The pass emits only what the kernel supports; a hand-built call still gets the right answer.
-        return op.block_masked_attention(q, k, v, block_mask, scale, block_size)
+        return block_masked_attention(q, k, v, block_mask, scale, block_size)
     index, count = block_mask_to_index(block_mask)
     return block_sparse_attention_triton(q, k, v, index, count, scale, block_size)
 
@@ -93,3 +101,73 @@ def _w4a8_linear_cuda(
     from angel_compile.kernels.int4_gemm import w4a8_linear_triton
 
     return w4a8_linear_triton(x, packed, scales, zeros, group_size, input_scale, bias)
+
+
+@prune_tokens.register_kernel("cuda")
+def _prune_tokens_cuda(
+    embeds: torch.Tensor,
+    token_mask: torch.Tensor,
+    num_tokens: int,
+    keep: int,
+    method: str,
+    lambda_: float,
+    merge_threshold: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from angel_compile.kernels.mmr_select import mmr_select_triton
+    from angel_compile.ops.prune_tokens import prune_tokens_forward
+
+    # Gathers, importance and merging are PyTorch ops on the GPU; the sequential greedy MMR
+    # loop (one launch per batch instead of `keep` small steps) is the Triton kernel.
+    return prune_tokens_forward(
+        embeds, token_mask, num_tokens, keep, method, lambda_, merge_threshold, seed, mmr_select_triton
+    )
+
+
+@int2_weight_only_linear.register_kernel("cuda")
+def _int2_weight_only_linear_cuda(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    from angel_compile.kernels.int2_gemm import int2_weight_only_linear_triton
+
+    return int2_weight_only_linear_triton(x, packed, scales, zeros, group_size, bias)
+
+
+@ternary_3of4_linear.register_kernel("cuda")
+def _ternary_3of4_linear_cuda(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    from angel_compile.kernels.ternary_gemm import ternary_3of4_linear_triton
+
+    return ternary_3of4_linear_triton(x, packed, scales, group_size, bias)
+
+
+@fp8_linear.register_kernel("cuda")
+def _fp8_linear_cuda(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    from angel_compile.kernels.scaled_gemm import fp8_linear_triton
+
+    return fp8_linear_triton(x, weight, weight_scale, input_scale, bias)
+
+
+@w8a8_int8_linear.register_kernel("cuda")
+def _w8a8_int8_linear_cuda(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    input_multiplier: torch.Tensor | None = None,
+) -> torch.Tensor:
+    from angel_compile.kernels.scaled_gemm import w8a8_int8_linear_triton
+
+    return w8a8_int8_linear_triton(x, weight, weight_scale, bias, input_multiplier)

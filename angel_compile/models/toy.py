@@ -35,10 +35,18 @@ TOY_ARCHITECTURES = ("llama", "qwen2", "mistral", "gpt2", "phi3")
 
 
 def build_toy_model(
-    arch: str = "llama", vocab_size: int = 256, max_positions: int = 512, seed: int = 0
+    arch: str = "llama",
+    vocab_size: int = 256,
+    max_positions: int = 512,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
 ) -> torch.nn.Module:
-    """A small randomly initialised causal LM of the given family, in eval mode, fp32."""
+    """A small randomly initialised causal LM of the given family, in eval mode, fp32.
+
+    attn_implementation: transformers' attention ("sdpa": one SDPA node; "eager": matmul,
+    softmax, matmul).
+    """
     config = _config(arch, vocab_size, max_positions)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config).eval()

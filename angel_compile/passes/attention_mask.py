@@ -301,7 +301,8 @@ def _boolean_mask_node(mask: fx.Node) -> fx.Node:
     val = mask.meta.get(meta.VAL)
     if mask.op in ("placeholder", "get_attr") or (isinstance(val, torch.Tensor) and val.dtype == torch.bool):
         return mask  # the evaluator says why an input is not proven
-    if mask.op == "call_function" and mask.target in (aten.where.ScalarSelf, aten.where.Scalar, aten.where.self):
+    wheres = (aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar, aten.where.self)
+    if mask.op == "call_function" and mask.target in wheres:
         cond, keep, drop = mask.args[:3]
         if _scalar(keep) == 0.0 and _scalar(drop) <= -1e4:
             return cond
@@ -315,6 +316,8 @@ def _scalar(value: object) -> float:
         return float(value.args[0])
     if isinstance(value, fx.Node) and value.op == "call_function" and value.target == aten.full.default:
         return float(value.args[1])
+    if isinstance(value, fx.Node) and value.op == "call_function" and value.target == aten.zeros.default:
+        return 0.0
     return math.nan
 
 

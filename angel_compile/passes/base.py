@@ -11,6 +11,7 @@ A pass:
 from __future__ import annotations
 
 import dataclasses
+import keyword
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, get_type_hints
@@ -105,6 +106,8 @@ def build_pass(name: str, options: Mapping[str, Any], recipe_name: str = "custom
         raise RecipeError(f"recipe '{recipe_name}': unknown pass '{name}'; registered passes: {list(passes)}")
     cls = passes[name]
     accepted = [f.name for f in dataclasses.fields(cls)]
+    # A Python keyword (`lambda`) is a field with a trailing underscore (`lambda_`); recipes may use either.
+    options = {f"{key}_" if keyword.iskeyword(key) else key: value for key, value in options.items()}
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise RecipeError(

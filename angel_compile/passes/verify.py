@@ -51,10 +51,14 @@ def _verify_custom_op(node: fx.Node, fake_mode) -> None:
             f"schema: {node.target._schema}"
         ) from exc
     recorded = node.meta.get(meta.VAL)
-    if not isinstance(recorded, torch.Tensor):
-        raise GraphVerificationError(f"node '{node.name}': meta['val'] is not a tensor")
-    if recorded.dtype != expected.dtype or [str(s) for s in recorded.shape] != [str(s) for s in expected.shape]:
-        raise GraphVerificationError(
-            f"node '{node.name}': meta['val'] {recorded.dtype}{list(recorded.shape)} disagrees with "
-            f"{node.target}'s fake impl {expected.dtype}{list(expected.shape)}"
-        )
+    # An op with several outputs (angel::prune_tokens) records a tuple of tensors.
+    several = isinstance(expected, tuple) and isinstance(recorded, tuple) and len(recorded) == len(expected)
+    pairs = zip(recorded, expected, strict=True) if several else [(recorded, expected)]
+    for recorded, expected in pairs:
+        if not isinstance(recorded, torch.Tensor):
+            raise GraphVerificationError(f"node '{node.name}': meta['val'] is not a tensor")
+        if recorded.dtype != expected.dtype or [str(s) for s in recorded.shape] != [str(s) for s in expected.shape]:
+            raise GraphVerificationError(
+                f"node '{node.name}': meta['val'] {recorded.dtype}{list(recorded.shape)} disagrees with "
+                f"{node.target}'s fake impl {expected.dtype}{list(expected.shape)}"
+            )

@@ -1,7 +1,14 @@
 """The block-sparse attention Triton kernel, run by the Triton interpreter on CPU, vs the reference."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+import triton
 
 from angel_compile.kernels.block_sparse_attention import block_sparse_attention_triton
 from angel_compile.ops.sparse_attention import (
@@ -89,3 +96,45 @@ def test_gpu_autotuned_matches_reference(dim, dtype):
     mask = select_blocks(q, k, v, config, dim**-0.5)  # what the op selects from the same inputs
     expected = block_masked_attention(q.float(), k.float(), v.float(), mask, dim**-0.5, 128)
     assert relative_error(out, expected) < 1e-2
+
+
+def ptx_for_sm90() -> dict[str, str]:
+    """PTX of the kernel for an H100 (bf16, d=128, 128-token blocks, 64- and 128-key tiles, 8 warps)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from angel_compile.kernels.block_sparse_attention import _block_sparse_attention_kernel as kernel
+
+    pointers = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", o_ptr="*bf16", index_ptr="*i32", count_ptr="*i32")
+    floats = ("qk_scale",)
+    constexpr = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "EVEN_S", "DOT_PRECISION")
+
+    def compile_ptx(block_n: int, num_stages: int) -> str:
+        signature = {
+            a: pointers.get(a, "fp32" if a in floats else "constexpr" if a in constexpr else "i32")
+            for a in kernel.arg_names
+        }
+        # What the launcher specializes for Llama shapes: 16-byte aligned pointers and strides.
+        aligned = [i for i, a in enumerate(kernel.arg_names) if signature[a] in ("*bf16", "i32") and "stride" in a]
+        aligned += [i for i, a in enumerate(kernel.arg_names) if a in pointers]
+        attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+        constexprs = dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=block_n, EVEN_S=True, DOT_PRECISION="tf32")
+        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+        options = {"num_warps": 8, "num_stages": num_stages}
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+    return {"n64": compile_ptx(64, 3), "n128": compile_ptx(128, 2)}
+
+
+def test_sm90_code_uses_wgmma_and_exp2():
+    # The interpreter replaced triton.language's own jit functions at import, so compile in a
+    # fresh process where TRITON_INTERPRET is unset; no GPU is needed to compile.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"import json; from {__name__} import ptx_for_sm90 as f; print(json.dumps(f()))"
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ptx = json.loads(done.stdout.splitlines()[-1])
+    for code in ptx.values():
+        assert "wgmma.mma_async" in code  # Hopper tensor cores for q·kᵀ and p·v
+        assert "ex2.approx" in code  # the base-2 softmax

@@ -118,7 +118,9 @@ def quantize_layers(
         match = dataclasses.replace(match_linear(gm, match.node), layer=match.layer)
         weight = weight_nk(gm, match)
         float_bytes += weight.numel() * weight.element_size()
-        site = LayerSite(gm, match, fake_mode, pass_name, state.for_layer(match.layer) if state else None)
+        # Layers whose scheme needs no statistics (int8 beside GPTQ layers) have none.
+        layer_stats = state.for_layer(match.layer) if state and match.layer in state.layer_inputs else None
+        site = LayerSite(gm, match, fake_mode, pass_name, layer_stats)
         stored_bytes += handler_for(scheme)(scheme, site)
         counts[scheme.type] = counts.get(scheme.type, 0) + 1
         stats.rewritten += 1
@@ -154,7 +156,9 @@ def _calibration_state(
         return None
     widths = {match.layer: weight_nk(gm, match).shape[1] for match, _ in planned if match.layer in wanted}
     if options.load:
-        return CalibrationState.load(options.load, expected_layers=widths)
+        state = CalibrationState.load(options.load, expected_layers=widths)
+        state.check_statistics(wanted, f"calibration file '{options.load}'")
+        return state
     if not ctx.calibration_data:
         layers = sorted(wanted)
         raise CalibrationError(

@@ -99,6 +99,9 @@ def register_scheme(cls: type[Scheme]) -> Callable[[Handler], Handler]:
 
 def registered_schemes() -> dict[str, type[Scheme]]:
     import angel_compile.passes.quantize.handlers  # noqa: F401  (registers the built-in schemes)
+    import angel_compile.passes.quantize.handlers_fp8_int8  # noqa: F401
+    import angel_compile.passes.quantize.handlers_int4  # noqa: F401
+    import angel_compile.passes.quantize.handlers_lowbit  # noqa: F401
 
     return dict(sorted(_SCHEMES.items()))
 

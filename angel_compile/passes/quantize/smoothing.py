@@ -35,7 +35,10 @@ def _keeps_channels(node: fx.Node) -> bool:
     if node.target == aten.slice.Tensor:  # e.g. transformers' logits_to_keep slice before lm_head
         dim = node.args[1] if len(node.args) > 1 else 0
         return dim not in (-1, node.args[0].meta["val"].dim() - 1)
-    return node.target in VIEW_LIKE
+    if node.target not in VIEW_LIKE:
+        return False
+    # A view that merges or splits the last dim (o_proj's [B, S, H, D] -> [B, S, H·D]) mixes channels.
+    return node.args[0].meta["val"].shape[-1] == node.meta["val"].shape[-1]
 
 
 def activation_root(node: fx.Node) -> fx.Node:

@@ -1,0 +1,203 @@
+"""`angel::prune_tokens`: keep a budget of the visual/audio tokens of a merged embedding sequence.
+
+    prune_tokens(embeds [B, S, D], token_mask bool [B, S], num_tokens, keep, method, lambda_,
+                 merge_threshold, seed) -> (pruned [B, S - num_tokens + keep, D],
+                                            positions int64 [B, S - num_tokens + keep])
+
+`token_mask` marks the N = `num_tokens` modality tokens of every sample (the same count in
+each row); the others are text and always kept. Of the N modality tokens, `keep` survive:
+
+1. Merging (audio, `merge_threshold` < 1): the adjacent pairs whose cosine similarity
+   exceeds the threshold are joined, most similar first and at most N − keep of them, so at
+   least `keep` groups remain; a group's feature is the mean of its members and it sits at
+   the position of its first member.
+2. Importance, without attention maps: imp(i) = cos(x_i, c), c the mean embedding of the
+   sample's text tokens (of its modality tokens when it has no text).
+3. Selection of `keep` of the (groups of) tokens by `method`:
+   - `mmr`: greedy Maximal Marginal Relevance. The first pick is argmax imp; then each step
+     picks argmax_i λ·imp(i) − (1 − λ)·max_{j picked} cos(x_i, x_j). Ties go to the lower index.
+   - `diversity`: mmr with λ = 0; `topk`: the `keep` most important (FastV-like proxy);
+   - `stride`: tokens ⌊i·N/keep⌋, i < keep (uniform); `random`: a seeded random subset.
+4. The kept tokens keep their original order: `positions` lists, ascending, the sequence
+   positions of the text tokens and of the kept (representative) modality tokens, and
+   `pruned[b, t] = embeds'[b, positions[b, t]]`, embeds' being embeds with merged features
+   written at their groups' positions. Callers gather position ids and masks with `positions`.
+
+With keep = N nothing is merged or dropped: pruned == embeds and positions == arange(S).
+The reference below is the CPU implementation; on CUDA the greedy MMR loop runs in the Triton
+kernel of `kernels/mmr_select.py` (registered in `lowering/triton.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+METHODS = ("mmr", "diversity", "topk", "stride", "random")
+
+# (normalized features [B, M, D], importance [B, M], keep, lambda_) -> picks [B, keep] in pick order
+MmrSelect = Callable[[torch.Tensor, torch.Tensor, int, float], torch.Tensor]
+
+
+def kept_count(num_tokens: int, ratio: float) -> int:
+    """k = ceil((1 − r)·N): how many of N tokens survive pruning ratio r ∈ [0, 1)."""
+    # round() first: (1 - 0.9) * 100 is 10.000000000000002 in floating point
+    return math.ceil(round((1.0 - ratio) * num_tokens, 9))
+
+
+def mmr_select_reference(features: torch.Tensor, importance: torch.Tensor, keep: int, lambda_: float) -> torch.Tensor:
+    """Greedy MMR over unit-norm features [B, M, D] -> the picked indices [B, keep], in pick order."""
+    x = features.float()
+    imp = importance.float()
+    batch = torch.arange(x.shape[0], device=x.device)
+    max_sim = torch.zeros_like(imp)
+    picked = torch.zeros_like(imp, dtype=torch.bool)
+    order = []
+    for step in range(keep):
+        score = imp if step == 0 else lambda_ * imp - (1.0 - lambda_) * max_sim
+        index = score.masked_fill(picked, -math.inf).argmax(dim=1)  # [B]
+        order.append(index)
+        picked[batch, index] = True
+        sim = torch.einsum("bmd,bd->bm", x, x[batch, index])
+        max_sim = torch.maximum(max_sim, sim)
+    return torch.stack(order, dim=1)
+
+
+def select(
+    features: torch.Tensor,
+    importance: torch.Tensor,
+    keep: int,
+    method: str,
+    lambda_: float,
+    seed: int,
+    mmr_select: MmrSelect = mmr_select_reference,
+) -> torch.Tensor:
+    """Indices [B, keep] (ascending) of the tokens `method` keeps out of features [B, M, D]."""
+    batch, count, _ = features.shape
+    if method in ("mmr", "diversity"):
+        unit = F.normalize(features.float(), dim=-1)
+        chosen = mmr_select(unit, importance.float(), keep, lambda_ if method == "mmr" else 0.0)
+    elif method == "topk":
+        chosen = importance.float().topk(keep, dim=1).indices
+    elif method == "stride":
+        chosen = (torch.arange(keep, device=features.device) * count // keep).expand(batch, keep)
+    elif method == "random":
+        generator = torch.Generator().manual_seed(seed)
+        rows = [torch.randperm(count, generator=generator)[:keep] for _ in range(batch)]
+        chosen = torch.stack(rows).to(features.device)
+    else:
+        raise ValueError(f"prune_tokens: unknown method '{method}'; supported: {list(METHODS)}")
+    return chosen.sort(dim=1).values
+
+
+def merge_adjacent(
+    features: torch.Tensor, positions: torch.Tensor, keep: int, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Join adjacent tokens whose cosine similarity exceeds `threshold`, most similar pairs first.
+
+    features [B, N, D], positions [B, N] -> (group features [B, M, D], group first positions [B, M]).
+    Every row joins the same number of pairs J (the smallest count above the threshold in the
+    batch, at most N − keep), so M = N − J ≥ keep and the rows stack.
+    """
+    unit = F.normalize(features.float(), dim=-1)
+    adjacent = (unit[:, :-1] * unit[:, 1:]).sum(-1)  # [B, N-1]: cos(x_j, x_{j+1})
+    joins_allowed = features.shape[1] - keep
+    above = (adjacent > threshold).sum(dim=1)
+    joins = int(min(int(above.min()), joins_allowed)) if adjacent.numel() else 0
+    if joins == 0:
+        return features, positions
+    strongest = adjacent.topk(joins, dim=1).indices  # the pairs (j, j+1) to join
+    starts_group = torch.ones_like(positions, dtype=torch.bool)
+    starts_group.scatter_(1, strongest + 1, False)
+    group = starts_group.long().cumsum(dim=1) - 1  # [B, N] group id of each token
+    groups = features.shape[1] - joins
+    sums = torch.zeros(features.shape[0], groups, features.shape[2], dtype=torch.float32, device=features.device)
+    sums.scatter_add_(1, group.unsqueeze(-1).expand_as(features), features.float())
+    sizes = torch.zeros(features.shape[0], groups, device=features.device)
+    sizes.scatter_add_(1, group, torch.ones_like(group, dtype=torch.float32))
+    merged = (sums / sizes.unsqueeze(-1)).to(features.dtype)
+    first = positions[starts_group].view(features.shape[0], groups)
+    return merged, first
+
+
+def prune_tokens_forward(
+    embeds: torch.Tensor,
+    token_mask: torch.Tensor,
+    num_tokens: int,
+    keep: int,
+    method: str,
+    lambda_: float,
+    merge_threshold: float,
+    seed: int,
+    mmr_select: MmrSelect = mmr_select_reference,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's semantics (module docstring) with a pluggable greedy MMR (reference or Triton)."""
+    batch, seq, dim = embeds.shape
+    mask = token_mask.bool()
+    counts = mask.sum(dim=1)
+    if not bool((counts == num_tokens).all()):
+        raise ValueError(
+            f"prune_tokens: every sample must hold {num_tokens} modality tokens (the count the graph was "
+            f"compiled for); token_mask counts {counts.tolist()}"
+        )
+    if not 0 < keep <= num_tokens:
+        raise ValueError(f"prune_tokens: keep={keep} must be in [1, {num_tokens}] (the number of modality tokens)")
+    arange = torch.arange(seq, device=embeds.device).expand(batch, seq)
+    if keep == num_tokens:
+        return embeds.clone(), arange.clone()
+    token_positions = arange[mask].view(batch, num_tokens)  # [B, N], ascending
+    features = embeds.gather(1, token_positions.unsqueeze(-1).expand(-1, -1, dim))  # [B, N, D]
+    if merge_threshold < 1.0:
+        features, token_positions = merge_adjacent(features, token_positions, keep, merge_threshold)
+    text = (~mask).unsqueeze(-1).to(embeds.dtype)
+    text_count = text.sum(dim=1)
+    context = torch.where(
+        text_count > 0, (embeds * text).sum(dim=1) / text_count.clamp(min=1), features.float().mean(dim=1)
+    )
+    importance = F.cosine_similarity(features.float(), context.float().unsqueeze(1), dim=-1)  # [B, M]
+    chosen = select(features, importance, keep, method, lambda_, seed, mmr_select)  # [B, keep]
+    kept_positions = token_positions.gather(1, chosen)
+    kept_features = features.gather(1, chosen.unsqueeze(-1).expand(-1, -1, dim))
+    kept = ~mask
+    kept.scatter_(1, kept_positions, True)
+    positions = arange[kept].view(batch, seq - num_tokens + keep)
+    written = embeds.scatter(1, kept_positions.unsqueeze(-1).expand(-1, -1, dim), kept_features)
+    return written.gather(1, positions.unsqueeze(-1).expand(-1, -1, dim)), positions
+
+
+@torch.library.custom_op("angel::prune_tokens", mutates_args=())
+def prune_tokens(
+    embeds: torch.Tensor,
+    token_mask: torch.Tensor,
+    num_tokens: int,
+    keep: int,
+    method: str,
+    lambda_: float,
+    merge_threshold: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return prune_tokens_forward(embeds, token_mask, num_tokens, keep, method, lambda_, merge_threshold, seed)
+
+
+@prune_tokens.register_fake
+def _(
+    embeds: torch.Tensor,
+    token_mask: torch.Tensor,
+    num_tokens: int,
+    keep: int,
+    method: str,
+    lambda_: float,
+    merge_threshold: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    torch._check(embeds.dim() == 3, lambda: "embeds must be [B, S, D]")
+    torch._check(token_mask.dim() == 2, lambda: "token_mask must be [B, S]")
+    torch._check(0 < keep <= num_tokens, lambda: f"keep={keep} must be in [1, num_tokens={num_tokens}]")
+    length = embeds.shape[1] - num_tokens + keep
+    return (
+        embeds.new_empty((embeds.shape[0], length, embeds.shape[2])),
+        embeds.new_empty((embeds.shape[0], length), dtype=torch.int64),
+    )

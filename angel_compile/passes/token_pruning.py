@@ -1,0 +1,312 @@
+"""Visual / audio token pruning where the modality features enter the language model (pass `token_pruning`).
+
+Matches: the merge of projected image/audio features into the text embeddings, before the
+         first decoder layer: `aten.masked_scatter(embeds [B, S, D], mask [B, S, 1|D], features)`
+         or `aten.index_put(embeds, [mask bool [B, S]], features)` (transformers' LLaVA,
+         Qwen2-VL, Qwen2-Audio, ...). With several merges (image then video) the last one is
+         pruned and the earlier modality's tokens count as text.
+Emits:   `angel::prune_tokens(merged, mask [B, S], N, keep, method, lambda_, merge_threshold,
+         seed)` right after the merge (N modality tokens per sample, keep = ceil((1 − ratio)·N)
+         or `budget`), whose pruned embeddings replace the merge for everything downstream.
+         The rest of the graph follows the shorter sequence S' = S − N + keep: every tensor
+         that crosses from the merge's inputs to the rest of the graph with a sequence
+         dimension (input ids, position ids — also Qwen2-VL's [3, B, S] mRoPE ids —, the
+         attention mask) is gathered with the op's kept positions, and every use of the
+         sequence length there reads S' (`sym_size` of the pruned embeddings). Kept tokens keep
+         their original position ids; the causal mask and cache sizes follow S'.
+Needs:   a graph captured with a dynamic sequence dimension (torch.export `Dim`), so that S'
+         is the symbolic expression S − N + keep and one graph serves every text length; a
+         static capture has its length baked into view/arange arguments and is rejected.
+         The modality token count N per sample is static (one image size / audio length per
+         compiled graph) and the batch size too.
+
+Options: ratio ∈ [0, 1) (or budget ≥ 1 kept tokens, which wins), method (mmr, diversity,
+topk, stride, random; see ops/prune_tokens.py), lambda_ (MMR's importance weight, recipe key
+`lambda`), modality (vision; audio merges adjacent tokens whose cosine similarity exceeds
+merge_threshold before pruning), seed (random):
+
+    passes:
+      - name: token_pruning
+        options: {ratio: 0.75, method: mmr, lambda: 0.5, modality: vision}
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from angel_compile import meta
+from angel_compile.errors import UnsupportedError
+from angel_compile.ops.prune_tokens import METHODS, kept_count
+from angel_compile.passes.base import Pass, PassContext, PassResult, PassStats, register_pass
+from angel_compile.passes.graph_utils import copy_source_meta, fake_mode_of, infer_val
+
+aten = torch.ops.aten
+PRUNE_TOKENS = torch.ops.angel.prune_tokens.default
+MERGES = (aten.masked_scatter.default, aten.index_put.default)
+MODALITIES = ("vision", "audio")
+# Nodes that only check metadata: they may stay on the full-length tensors.
+_ASSERTS = (
+    aten._assert_tensor_metadata.default,
+    aten._assert_scalar.default,
+    aten.sym_constrain_range_for_size.default,
+)
+_SEARCHED = (
+    "aten.masked_scatter(embeds [B, S, D], mask [B, S, 1 or D], features) or "
+    "aten.index_put(embeds [B, S, D], [bool mask [B, S]], features)"
+)
+
+
+@register_pass
+@dataclass(frozen=True)
+class TokenPruning(Pass):
+    """Prune modality tokens right after their merge into the embeddings; see the module docstring."""
+
+    name: ClassVar[str] = "token_pruning"
+    ratio: float = 0.75
+    method: str = "mmr"
+    lambda_: float = 0.5
+    modality: str = "vision"
+    merge_threshold: float = 0.9
+    budget: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ratio={self.ratio} must be in [0, 1) (the fraction of modality tokens pruned)")
+        if self.method not in METHODS:
+            raise ValueError(f"method '{self.method}' is not supported; supported: {list(METHODS)}")
+        if not 0.0 <= self.lambda_ <= 1.0:
+            raise ValueError(f"lambda={self.lambda_} must be in [0, 1]")
+        if self.modality not in MODALITIES:
+            raise ValueError(f"modality '{self.modality}' is not supported; supported: {list(MODALITIES)}")
+        if not -1.0 <= self.merge_threshold <= 1.0:
+            raise ValueError(f"merge_threshold={self.merge_threshold} must be a cosine similarity in [-1, 1]")
+        if self.budget < 0:
+            raise ValueError(f"budget={self.budget} must be >= 1 kept tokens (0: use ratio)")
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        stats = PassStats()
+        if any(n.op == "call_function" and n.target == PRUNE_TOKENS for n in gm.graph.nodes):
+            stats.details = {"note": "the graph already prunes tokens"}
+            return PassResult(gm, False, stats)
+        merges = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in MERGES]
+        matches = []
+        for node in merges:
+            match = _match(node)
+            if isinstance(match, str):
+                stats.skip(node, match)
+            else:
+                matches.append(match)
+        if not matches:
+            seen = "; ".join(f"{node}: {why}" for node, why in stats.skipped.items()) or "no such node"
+            raise UnsupportedError(
+                f"{self.name}: found no point where {self.modality} features are merged into the text embeddings; "
+                f"searched for {_SEARCHED} (concatenation and torch.where merges are not supported); seen: {seen}"
+            )
+        stats.matched = len(matches)
+        merge, token_mask, num_tokens = matches[-1]
+        for node, *_ in matches[:-1]:
+            stats.skip(node, "an earlier merge: its tokens are kept as text (the last merge is pruned)")
+        keep = self.budget or kept_count(num_tokens, self.ratio)
+        if keep > num_tokens:
+            raise UnsupportedError(
+                f"{self.name}: budget={keep} exceeds the {num_tokens} {self.modality} tokens per sample merged at "
+                f"'{merge.name}'"
+            )
+        seq = merge.meta[meta.VAL].shape[1]
+        if isinstance(seq, int):
+            raise UnsupportedError(
+                f"{self.name}: the sequence length of '{merge.name}' is static ({seq}); capture with a dynamic "
+                "sequence dimension (e.g. dynamic_shapes={'input_ids': {1: Dim('seq')}, ...}) so that the graph "
+                "can follow the pruned length"
+            )
+        threshold = self.merge_threshold if self.modality == "audio" else 1.0
+        args = (num_tokens, keep, self.method, self.lambda_, threshold, self.seed)
+        _rewrite(gm, merge, token_mask, args, self.name)
+        stats.rewritten = 1
+        stats.details = {
+            "merge": merge.name,
+            "modality_tokens": num_tokens,
+            "kept": keep,
+            "sequence": f"{seq} - {num_tokens - keep}",
+            "method": self.method,
+        }
+        return PassResult(gm, True, stats)
+
+
+def _match(node: fx.Node) -> tuple[fx.Node, fx.Node, int] | str:
+    """(merge, token-mask source, modality tokens per sample) for a supported merge, or why not."""
+    embeds = node.args[0]
+    val = node.meta.get(meta.VAL)
+    if not isinstance(val, torch.Tensor) or val.dim() != 3 or not val.dtype.is_floating_point:
+        return "not a floating-point [B, S, D] embedding sequence"
+    batch, _, dim = val.shape
+    if not isinstance(batch, int) or not isinstance(dim, int):
+        return "dynamic batch or hidden size (the pruned token count per sample must be static)"
+    if node.target == aten.masked_scatter.default:
+        mask, features = node.args[1], node.args[2]
+        mask_val = mask.meta.get(meta.VAL)
+        if mask_val is None or mask_val.dim() != 3 or mask_val.dtype != torch.bool:
+            return "masked_scatter mask is not a bool [B, S, 1 or D] tensor"
+    else:
+        indices, features = node.args[1], node.args[2]
+        if len(indices) != 1 or not isinstance(indices[0], fx.Node):
+            return "index_put with more than one index tensor"
+        mask = indices[0]
+        mask_val = mask.meta.get(meta.VAL)
+        if mask_val is None or mask_val.dim() != 2 or mask_val.dtype != torch.bool:
+            return "index_put index is not a bool [B, S] mask"
+    if not isinstance(embeds, fx.Node) or not isinstance(features, fx.Node):
+        return "embeddings or features are not graph values"
+    total = features.meta[meta.VAL].numel()
+    if not isinstance(total, int) or total % (batch * dim):
+        return f"the merged features ({features.meta[meta.VAL].shape}) are not a static number of tokens per sample"
+    return node, mask, total // (batch * dim)
+
+
+def _rewrite(gm: fx.GraphModule, merge: fx.Node, mask: fx.Node, args: tuple[Any, ...], pass_name: str) -> None:
+    graph = gm.graph
+    fake_mode = fake_mode_of(gm)
+    seq = merge.meta[meta.VAL].shape[1]
+    # Values of the full-length world: what the merge is computed from, and checks (nodes the
+    # output does not depend on, e.g. transformers' image-token count check on the input ids).
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    live = _ancestors(output)
+    upstream = _ancestors(merge) | {n for n in graph.nodes if n not in live}
+    layer = "token_pruning"
+    with graph.inserting_after(merge):
+        token_mask = mask
+        if mask.meta[meta.VAL].dim() == 3:
+            token_mask = graph.call_function(aten.select.int, (mask, 2, 0))
+            infer_val(token_mask, fake_mode)
+    with graph.inserting_after(token_mask if token_mask is not mask else merge):
+        prune = graph.call_function(PRUNE_TOKENS, (merge, token_mask, *args))
+        infer_val(prune, fake_mode)
+    with graph.inserting_after(prune):
+        pruned = graph.call_function(operator.getitem, (prune, 0))
+    with graph.inserting_after(pruned):
+        positions = graph.call_function(operator.getitem, (prune, 1))
+    with graph.inserting_after(positions):
+        length = graph.call_function(aten.sym_size.int, (pruned, 1))
+    new_nodes = {token_mask, prune, pruned, positions, length}
+    for node in (prune, pruned, positions, length):
+        infer_val(node, fake_mode)
+        copy_source_meta(node, merge, pass_name, layer)
+    batch = merge.meta[meta.VAL].shape[0]
+    with graph.inserting_after(length):
+        batch_index = graph.call_function(aten.arange.default, (batch,), {"device": merge.meta[meta.VAL].device})
+    with graph.inserting_after(batch_index):
+        batch_index_2d = graph.call_function(aten.unsqueeze.default, (batch_index, 1))
+    new_nodes |= {batch_index, batch_index_2d}
+    for node in (batch_index, batch_index_2d):
+        infer_val(node, fake_mode)
+    anchor = batch_index_2d
+    # Every value computed before the merge that the rest of the graph uses is re-expressed at
+    # the pruned length: the merge itself, tensors with a sequence dimension, the length itself.
+    frontier = [n for n in graph.nodes if n in upstream or n.op in ("placeholder", "get_attr")]
+    for source in frontier:
+        users = [u for u in source.users if u not in upstream and u not in new_nodes and not _is_check(u, upstream)]
+        if not users:
+            continue
+        if source is merge:
+            replacement = pruned
+        else:
+            replacement = _shortened(graph, source, seq, positions, batch_index_2d, length, anchor, fake_mode)
+            if replacement is None:
+                continue
+            if replacement is not length:
+                new_nodes.add(replacement)
+                anchor = replacement
+        for user in users:
+            user.replace_input_with(source, replacement)
+    _move_after(graph, merge, upstream, anchor)
+    _reinfer_downstream(graph, upstream | new_nodes, fake_mode)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+
+
+def _shortened(
+    graph: fx.Graph,
+    source: fx.Node,
+    seq: torch.SymInt,
+    positions: fx.Node,
+    batch_index: fx.Node,
+    length: fx.Node,
+    anchor: fx.Node,
+    fake_mode: Any,
+) -> fx.Node | None:
+    """The pruned-length version of a value crossing from before the merge, or None if it has no sequence dim."""
+    val = source.meta.get(meta.VAL)
+    if isinstance(val, torch.SymInt):
+        if statically_known_true(val == seq):
+            return length
+        if any(str(s) in str(val) for s in seq.node.expr.free_symbols):
+            raise UnsupportedError(
+                f"token_pruning: '{source.name}' ({val}) is derived from the sequence length and used after the "
+                "merge; only the length itself can be re-expressed"
+            )
+        return None
+    if not isinstance(val, torch.Tensor):
+        return None
+    dims = [d for d, size in enumerate(val.shape) if statically_known_true(size == seq)]
+    if not dims:
+        return None
+    batch = positions.meta[meta.VAL].shape[0]
+    dim = dims[0]
+    if len(dims) > 1 or dim == 0 or not statically_known_true(val.shape[dim - 1] == batch):
+        raise UnsupportedError(
+            f"token_pruning: '{source.name}' {tuple(val.shape)} is used after the merge with a sequence dimension "
+            "that is not laid out [..., batch, seq, ...]; cannot gather it at the kept positions"
+        )
+    # x[..., b, positions[b], ...]: advanced indices on adjacent dims keep their place.
+    indices = [None] * (dim - 1) + [batch_index, positions]
+    with graph.inserting_after(anchor):
+        gathered = graph.call_function(aten.index.Tensor, (source, indices))
+    infer_val(gathered, fake_mode)
+    gathered.meta[meta.PROVENANCE] = {"pass": "token_pruning", "replaces": [source.name], "layer": None}
+    return gathered
+
+
+def _is_check(node: fx.Node, upstream: set[fx.Node]) -> bool:
+    if node.op == "call_module" and node.target == "_guards_fn":  # torch.export's input checks
+        return True
+    return node.op == "call_function" and node.target in _ASSERTS and all(n in upstream for n in node.all_input_nodes)
+
+
+def _move_after(graph: fx.Graph, merge: fx.Node, upstream: set[fx.Node], anchor: fx.Node) -> None:
+    """Move nodes placed before the merge that now read pruned values (`sym_size(input_ids)`) after `anchor`."""
+    early = []
+    for node in graph.nodes:
+        if node is merge:
+            break
+        if node.op == "call_function" and node not in upstream and not _is_check(node, upstream):
+            early.append(node)
+    for node in early:
+        anchor.append(node)
+        anchor = node
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen = {node}
+    pending = [node]
+    while pending:
+        for parent in pending.pop().all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                pending.append(parent)
+    return seen
+
+
+def _reinfer_downstream(graph: fx.Graph, fixed: set[fx.Node], fake_mode: Any) -> None:
+    """Recompute `meta["val"]` of every node after the merge: their shapes now follow the pruned length."""
+    for node in graph.nodes:
+        if node in fixed or node.op != "call_function" or node.target in _ASSERTS:
+            continue
+        infer_val(node, fake_mode)

@@ -1,0 +1,117 @@
+"""INT2 and 1.25-bit 3:4 ternary linear (angel Triton kernels) vs bf16 F.linear, Llama-8B shapes, on CUDA.
+
+Weights: INT2 group 64, asymmetric (bf16 scales, uint8 zeros); ternary 3:4, group 128 (bf16
+scales). Same-run medians of CUDA-graph replays (`do_bench_cudagraph`) per weight copy: each timed
+call rotates over > 200 MB of weight copies, so every weight byte comes from HBM, not L2.
+Correctness is checked first against the float64 reference. Goals (issue 6, M = 1): INT2 ≥ 5×
+bf16, ternary ≥ 7× bf16 and faster than INT2.
+
+    python -m benchmarks.bench_lowbit [--quick] [--batches 1,16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+from angel_compile.kernels.int2_gemm import int2_weight_only_linear_triton
+from angel_compile.kernels.ternary_gemm import ternary_3of4_linear_triton
+from angel_compile.ops.int2 import int2_weight_only_linear_reference, quantize_int2_rtn
+from angel_compile.ops.ternary import quantize_ternary_3of4, ternary_3of4_linear_reference
+
+# (role, N, K): out × in features; the issue writes them as K×N: 4096×14336 and 14336×4096.
+SHAPES = [("gate/up", 14336, 4096), ("down", 4096, 14336)]
+INT2_GROUP, TERNARY_GROUP = 64, 128
+ROTATED_BYTES = 200e6  # > 4x the L2 of an H100 (50 MB) or H200 (60 MB)
+MAX_REL_ERROR = 1e-2  # bf16 output rounding
+
+
+def _error(out: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((out.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def _copies(nbytes: int) -> int:
+    return max(2, math.ceil(ROTATED_BYTES / nbytes))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--batches", default="1,16", help="comma-separated M values")
+    args = parser.parse_args()
+    rep = 50 if args.quick else 300
+    batches = [int(m) for m in args.batches.split(",")]
+    print(
+        f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {torch.cuda.get_device_name()}, "
+        f"torch {torch.__version__}, triton {triton.__version__}"
+    )
+    rows = []
+    for role, n, k in SHAPES:
+        bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(_copies(n * k * 2))]
+        int2 = [quantize_int2_rtn(w, INT2_GROUP, clip_search=False) for w in bf16[: _copies(n * k // 4)]]
+        ternary = [quantize_ternary_3of4(w, TERNARY_GROUP) for w in bf16[: _copies(n * k * 5 // 32)]]
+        while len(int2) < _copies(n * k // 4):  # the copies only need distinct addresses
+            int2.append(quantize_int2_rtn(bf16[len(int2) % len(bf16)] * 1.01, INT2_GROUP, clip_search=False))
+        while len(ternary) < _copies(n * k * 5 // 32):
+            ternary.append(quantize_ternary_3of4(bf16[len(ternary) % len(bf16)] * 1.01, TERNARY_GROUP))
+        for m in batches:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            q2, qt = int2[0], ternary[0]
+            errors = {
+                "int2": _error(
+                    int2_weight_only_linear_triton(x, q2.packed, q2.scales, q2.zeros, INT2_GROUP),
+                    int2_weight_only_linear_reference(
+                        x.double(), q2.packed, q2.scales.double(), q2.zeros, INT2_GROUP, None
+                    ),
+                ),
+                "ternary": _error(
+                    ternary_3of4_linear_triton(x, qt.packed, qt.scales, TERNARY_GROUP),
+                    ternary_3of4_linear_reference(x.double(), qt.packed, qt.scales.double(), TERNARY_GROUP, None),
+                ),
+            }
+            assert max(errors.values()) < MAX_REL_ERROR, (role, m, errors)
+
+            def run_bf16(x=x, bf16=bf16) -> None:
+                for w in bf16:
+                    F.linear(x, w)
+
+            def run_int2(x=x, int2=int2) -> None:
+                for q in int2:
+                    int2_weight_only_linear_triton(x, q.packed, q.scales, q.zeros, INT2_GROUP)
+
+            def run_ternary(x=x, ternary=ternary) -> None:
+                for q in ternary:
+                    ternary_3of4_linear_triton(x, q.packed, q.scales, TERNARY_GROUP)
+
+            times = {
+                "bf16": triton.testing.do_bench_cudagraph(run_bf16, rep=rep, return_mode="median") * 1e3 / len(bf16),
+                "int2": triton.testing.do_bench_cudagraph(run_int2, rep=rep, return_mode="median") * 1e3 / len(int2),
+                "ternary": triton.testing.do_bench_cudagraph(run_ternary, rep=rep, return_mode="median")
+                * 1e3
+                / len(ternary),
+            }
+            weight_bytes = {"bf16": n * k * 2, "int2": int2[0].nbytes(), "ternary": ternary[0].nbytes()}
+            rows.append((role, n, k, m, times, weight_bytes, errors))
+    print("\nCUDA-graph medians per weight copy (µs); speedup = bf16 time / time; GB/s = weight bytes / time.")
+    columns = ["shape (N×K)", "M", "bf16 µs", "int2 µs", "int2 speedup", "ternary µs", "ternary speedup"]
+    columns += ["ternary / int2", "bf16 GB/s", "int2 GB/s", "ternary GB/s", "rel. err int2 / ternary"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for role, n, k, m, t, b, e in rows:
+        gbps = {name: b[name] / t[name] / 1e3 for name in t}
+        print(
+            f"| {role} {n}×{k} | {m} | {t['bf16']:.1f} | {t['int2']:.1f} | {t['bf16'] / t['int2']:.2f}× | "
+            f"{t['ternary']:.1f} | {t['bf16'] / t['ternary']:.2f}× | {t['int2'] / t['ternary']:.2f}× | "
+            f"{gbps['bf16']:,.0f} | {gbps['int2']:,.0f} | {gbps['ternary']:,.0f} | "
+            f"{e['int2']:.1e} / {e['ternary']:.1e} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

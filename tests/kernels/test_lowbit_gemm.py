@@ -1,0 +1,117 @@
+"""INT2 and 3:4 ternary Triton kernels vs the op references, on CPU through the Triton interpreter
+(fp32 / fp16), and ahead-of-time compiled for sm_90."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+
+from angel_compile.kernels import int2_gemm, ternary_gemm
+from angel_compile.kernels.int2_gemm import dequantize_int2_triton, int2_weight_only_linear_triton
+from angel_compile.kernels.ternary_gemm import dequantize_ternary_3of4_triton, ternary_3of4_linear_triton
+from angel_compile.ops.int2 import int2_weight_only_linear_reference, quantize_int2_rtn
+from angel_compile.ops.ternary import quantize_ternary_3of4, ternary_3of4_linear_reference
+from tests.utils import relative_error
+
+BOUND = {torch.float32: 1e-5, torch.float16: 2e-3}
+GEMV = {"BLOCK_N": 16, "BLOCK_K": 128}
+GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "m, symmetric, config",
+    [
+        (1, False, GEMV),
+        (1, True, {**GEMV, "BLOCK_K": 64, "SPLIT_K": 2}),
+        (5, False, {**GEMM, "SPLIT_K": 2}),
+        (20, True, GEMM),
+    ],
+)
+def test_int2_kernels_match_reference(dtype, m, symmetric, config):
+    # K = 320: the GEMV's last 128-wide tile holds one valid group of 64 (masked groups).
+    torch.manual_seed(0)
+    q = quantize_int2_rtn(torch.randn(40, 320), 64, symmetric)
+    x, b = torch.randn(m, 320, dtype=dtype), torch.randn(40, dtype=dtype)
+    out = int2_weight_only_linear_triton(x, q.packed, q.scales, q.zeros, 64, b, config=config)
+    expected = int2_weight_only_linear_reference(x.double(), q.packed, q.scales.double(), q.zeros, 64, b.double())
+    assert out.dtype == dtype and out.shape == (m, 40)
+    assert relative_error(out, expected) < BOUND[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "k, group, m, config",
+    [
+        (320, 64, 1, GEMV),  # tile of 128 holds two scale groups
+        (576, None, 1, None),  # per channel: default tile shrinks to 64 (576 = 64 · 9)
+        (256, 128, 1, {**GEMV, "BLOCK_K": 64, "SPLIT_K": 2}),  # tile inside one group, split K
+        (576, None, 3, {**GEMM, "SPLIT_K": 2}),
+        (256, 32, 20, GEMM),
+    ],
+)
+def test_ternary_kernels_match_reference(dtype, k, group, m, config):
+    torch.manual_seed(0)
+    q = quantize_ternary_3of4(torch.randn(40, k), group)
+    x, b = torch.randn(m, k, dtype=dtype), torch.randn(40, dtype=dtype)
+    out = ternary_3of4_linear_triton(x, q.packed, q.scales, q.group_size, b, config=config)
+    expected = ternary_3of4_linear_reference(x.double(), q.packed, q.scales.double(), q.group_size, b.double())
+    assert out.dtype == dtype and out.shape == (m, 40)
+    assert relative_error(out, expected) < BOUND[dtype]
+
+
+def test_dequantize_kernels_and_split_k_choice():
+    torch.manual_seed(0)
+    q2 = quantize_int2_rtn(torch.randn(40, 256), 64)
+    assert torch.equal(dequantize_int2_triton(q2.packed, q2.scales, q2.zeros, 64, torch.float32), q2.dequantize())
+    qt = quantize_ternary_3of4(torch.randn(40, 256), 128)
+    assert torch.equal(dequantize_ternary_3of4_triton(qt.packed, qt.scales, 128, 256, torch.float32), qt.dequantize())
+    assert int2_gemm.split_k_for(4096, 14336, 16, 512) == 1  # 256 programs already
+    assert int2_gemm.split_k_for(1024, 4096, 64, 128) == 8
+
+
+def ptx_for_sm90() -> dict[str, str]:
+    """PTX of the INT2 and ternary GEMV and small-M GEMM in bf16 for an H100 (no interpreter)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def compile_ptx(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int) -> str:
+        signature = {a: types.get(a, "i32") for a in fn.arg_names}
+        signature.update({a: "constexpr" for a in constexprs})
+        aligned = [i for i, a in enumerate(fn.arg_names) if signature[a].startswith("*")]
+        attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        options = {"num_warps": num_warps, "num_stages": num_stages}
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+    ptrs = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*u8", "lut_ptr": "*u8"}
+    ptrs |= {"bias_ptr": "*bf16", "out_ptr": "*bf16"}
+    gemv = {"HAS_BIAS": True, "GROUP": 128, "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 1, "STAGES": 3}
+    gemm = {"HAS_BIAS": True, "GROUP": 128, "DOT_PRECISION": "tf32", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}
+    gemm["SPLIT_K"] = 1
+    return {
+        "int2_gemv": compile_ptx(int2_gemm._gemv_kernel, ptrs, {**gemv, "HAS_ZEROS": True}, 4, 3),
+        "int2_gemm": compile_ptx(int2_gemm._gemm_kernel, ptrs, {**gemm, "HAS_ZEROS": True}, 4, 4),
+        "ternary_gemv": compile_ptx(ternary_gemm._gemv_kernel, ptrs, gemv, 4, 3),
+        "ternary_gemm": compile_ptx(ternary_gemm._gemm_kernel, ptrs, gemm, 4, 4),
+    }
+
+
+def test_sm90_code_compiles_with_tensor_cores_for_the_gemm():
+    # Compile in a fresh process without TRITON_INTERPRET (the interpreter patched triton at import).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"import json; from {__name__} import ptx_for_sm90 as f; print(json.dumps(f()))"
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ptx = json.loads(done.stdout.splitlines()[-1])
+    for name in ("int2_gemm", "ternary_gemm"):
+        assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx[name], name
+    for name in ("int2_gemv", "ternary_gemv"):
+        # 16 × 512 weights over 128 threads: 64 FMAs a thread per tile, no per-weight int->float conversion.
+        assert ptx[name].count("fma.rn.f32") >= 64 and ptx[name].count("cvt.rn.f32.u") <= 1, name

@@ -1,0 +1,59 @@
+"""A tiny model with the shape of a VLM's language side, for fast token-pruning graph tests."""
+
+import torch
+
+TOKEN = 9
+
+
+class TinyMergeModel(torch.nn.Module):
+    """Embeddings, modality features scattered at TOKEN, then a causal attention layer with rotary-free positions.
+
+    Uses the sequence length downstream (view, arange for the causal mask) the way transformers does.
+    """
+
+    def __init__(self, dim: int = 32, feature_dim: int = 12) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, dim)
+        self.project = torch.nn.Linear(feature_dim, dim)
+        self.position = torch.nn.Embedding(64, dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.out = torch.nn.Linear(dim, 16)
+
+    def forward(self, input_ids: torch.Tensor, features: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        embeds = self.merged(input_ids, features)
+        return self.language(embeds, position_ids)
+
+    def merged(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        embeds = self.embed(input_ids)
+        mask = (input_ids == TOKEN).unsqueeze(-1)
+        return embeds.masked_scatter(mask, self.project(features))
+
+    def language(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        batch, seq, dim = embeds.shape
+        hidden = embeds + self.position(position_ids)
+        q, k, v = self.qkv(hidden).view(batch, seq, 3, 2, dim // 2).permute(2, 0, 3, 1, 4)
+        causal = torch.arange(seq)[:, None] >= torch.arange(seq)[None, :]
+        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+        return self.out(attended.transpose(1, 2).reshape(batch, seq, dim))
+
+
+def tiny_inputs(batch: int = 1, before: int = 3, tokens: int = 20, after: int = 4, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.cat(
+        [
+            torch.randint(0, 8, (batch, before), generator=generator),
+            torch.full((batch, tokens), TOKEN),
+            torch.randint(0, 8, (batch, after), generator=generator),
+        ],
+        dim=1,
+    )
+    # Features with runs of near-duplicates, as image patches and audio frames have.
+    base = torch.randn(batch, tokens // 4, 12, generator=generator).repeat_interleave(4, dim=1)
+    features = (base + 0.05 * torch.randn(batch, tokens, 12, generator=generator)).reshape(batch * tokens, 12)
+    positions = torch.arange(ids.shape[1]).expand(batch, -1).contiguous()
+    return {"input_ids": ids, "features": features, "position_ids": positions}
+
+
+def tiny_dynamic_shapes(tokens: int = 20) -> dict:
+    seq = torch.export.Dim("seq", min=tokens + 2, max=60)
+    return {"input_ids": {1: seq}, "features": None, "position_ids": {1: seq}}
