@@ -115,3 +115,20 @@ def test_sm90_code_compiles_with_tensor_cores_for_the_gemm():
     for name in ("int2_gemv", "ternary_gemv"):
         # 16 × 512 weights over 128 threads: 64 FMAs a thread per tile, no per-weight int->float conversion.
         assert ptx[name].count("fma.rn.f32") >= 64 and ptx[name].count("cvt.rn.f32.u") <= 1, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 5, 16, 300])
+def test_bf16_on_the_gpu(m):
+    # bf16 tl.dot is wrong under the interpreter: this checks the real kernels, all three paths.
+    torch.manual_seed(0)
+    n, k = 512, 1024
+    q2 = quantize_int2_rtn(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), 64)
+    qt = quantize_ternary_3of4(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), 128)
+    x, b = torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    out = int2_weight_only_linear_triton(x, q2.packed, q2.scales, q2.zeros, 64, b)
+    ref = int2_weight_only_linear_reference(x.double(), q2.packed, q2.scales.double(), q2.zeros, 64, b.double())
+    assert relative_error(out, ref) < 1e-2
+    out = ternary_3of4_linear_triton(x, qt.packed, qt.scales, 128, b)
+    ref = ternary_3of4_linear_reference(x.double(), qt.packed, qt.scales.double(), 128, b.double())
+    assert relative_error(out, ref) < 1e-2
