@@ -2,7 +2,9 @@
 
 Prefill of --prefill tokens and batch-1 decode with a --context-token KV cache, bf16, timed in
 the same run for every recipe (decode replayed as a CUDA graph, so Python dispatch is not
-timed). Prints tokens/s and the ratio to bf16 ("none").
+timed). Prints tokens/s and the ratio to bf16 ("none"). Recipes that calibrate do it once, on
+prefill-shaped batches (the captured graphs have static shapes), and the decode graph loads the
+saved state (`calibration.load`), so both graphs carry the same quantized weights.
 
     python -m benchmarks.bench_quant_e2e                      # on the GPU machine, from the repo root
     python -m benchmarks.bench_quant_e2e --tiny --device cpu  # a shape check on a CPU
@@ -12,11 +14,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import tempfile
+from pathlib import Path
 
 import torch
 
 import angel_compile
+from angel_compile.recipe import Recipe, load_recipe
 from benchmarks.llama_decoder import TINY, DecoderShape, LlamaDecoder, random_cache
+
+CALIBRATION_BATCHES = 2
 
 
 def _inputs(shape: DecoderShape, tokens: int, cached: int, device, dtype):
@@ -24,6 +31,16 @@ def _inputs(shape: DecoderShape, tokens: int, cached: int, device, dtype):
     positions = torch.arange(cached, cached + tokens, device=device)
     k, v = random_cache(shape, 1, cached, dtype, device)
     return ids, positions, k, v
+
+
+def _with_calibration_file(recipe: Recipe, option: str, path: Path) -> Recipe:
+    """The recipe with `calibration: {option: path}` added to its quantize passes."""
+    data = recipe.to_dict()
+    for spec in data["passes"]:
+        if spec["name"] == "quantize":
+            options = spec.setdefault("options", {})
+            options["calibration"] = {**options.get("calibration", {}), option: str(path)}
+    return Recipe.from_dict(data)
 
 
 def _time(fn, device: str, graph: bool) -> float:
@@ -64,14 +81,22 @@ def main() -> None:
         parameter.data.normal_(0, 0.02)  # default init has huge embeddings; keep activations sane
     prefill_inputs = _inputs(shape, prefill, 0, args.device, dtype)
     decode_inputs = _inputs(shape, 1, context, args.device, dtype)
-    calibration = [_inputs(shape, 256 if not args.tiny else 8, 0, args.device, dtype) for _ in range(4)]
+    calibration = [_inputs(shape, prefill, 0, args.device, dtype) for _ in range(CALIBRATION_BATCHES)]
+    state_dir = Path(tempfile.mkdtemp(prefix="angel_bench_calibration_"))
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"# {datetime.date.today()} {device_name}; {shape}; prefill {prefill}, decode context {context}, batch 1")
     rows = []
     for recipe in args.recipes.split(","):
-        compiled = {}
-        for name, example in (("prefill", prefill_inputs), ("decode", decode_inputs)):
-            compiled[name] = angel_compile.compile(model, example, recipe=recipe, calibration_data=calibration)
+        resolved = load_recipe(recipe)
+        state = state_dir / f"{recipe}.safetensors"
+        compiled = {
+            "prefill": angel_compile.compile(
+                model, prefill_inputs, recipe=_with_calibration_file(resolved, "save", state),
+                calibration_data=calibration,
+            ),
+        }  # fmt: skip
+        decode_recipe = _with_calibration_file(resolved, "load", state) if state.exists() else resolved
+        compiled["decode"] = angel_compile.compile(model, decode_inputs, recipe=decode_recipe)
         with torch.no_grad():
             reference = model(*decode_inputs)[0].float()
         out = compiled["decode"](*decode_inputs)[0].float()

@@ -1,4 +1,4 @@
-"""Quality of the block-selection methods on SmolLM2-135M and real text (CPU).
+"""Quality of the block-selection methods on SmolLM2-135M and real text (attention part on CPU; end to end on --device).
 
 1. Attention inputs. Q/K/V (after RoPE, before the GQA repeat) of chosen layers of
    SmolLM2-135M-Instruct are recorded (`angel_compile.eval.record_qkv`) in one forward pass
@@ -89,22 +89,23 @@ def recipe_with_threshold(name: str, min_seq_len: int) -> Recipe:
 
 
 @torch.no_grad()
-def key_retrieval(model, tokenizer, cases) -> tuple[float, float]:
+def key_retrieval(model, tokenizer, cases, device: str) -> tuple[float, float]:
     """(fraction of cases whose key is the greedy choice at every key token, mean key-token NLL)."""
     hits, nlls = 0, []
     for case in cases:
         key = tokenizer(" " + case.key, add_special_tokens=False).input_ids
-        ids = torch.cat([case.input_ids, torch.tensor([key])], dim=1)
+        ids = torch.cat([case.input_ids, torch.tensor([key])], dim=1).to(device)
         out = model(input_ids=ids)
         logits = (out.logits if hasattr(out, "logits") else out[0])[0, -len(key) - 1 : -1].float()
-        target = torch.tensor(key)
+        target = torch.tensor(key, device=logits.device)
         hits += bool((logits.argmax(dim=-1) == target).all())
         nlls.append(torch.nn.functional.cross_entropy(logits, target).item())
     return hits / len(cases), sum(nlls) / len(nlls)
 
 
 def end_to_end(model, tokenizer, args: argparse.Namespace) -> None:
-    ppl_ids = token_ids(tokenizer, "lee", "held_out", max_tokens=args.ppl_tokens)
+    ppl_ids = token_ids(tokenizer, "lee", "held_out", max_tokens=args.ppl_tokens).to(args.device)
+    model = model.to(args.device)
     cases = retrieval_cases(tokenizer, (args.retrieval_length,), depths=tuple(args.depths))
     lengths = sorted({c.input_ids.shape[1] for c in cases})
     print(f"# perplexity: first {ppl_ids.shape[1]} tokens of Lee held-out, one window")
@@ -126,7 +127,7 @@ def end_to_end(model, tokenizer, args: argparse.Namespace) -> None:
             )
         ppl = perplexity(candidate, ppl_ids, window=ppl_ids.shape[1], stride=ppl_ids.shape[1] - 1)
         reference_ppl = ppl if name == "dense" else reference_ppl
-        hits, nll = key_retrieval(candidate, tokenizer, cases)
+        hits, nll = key_retrieval(candidate, tokenizer, cases, args.device)
         threshold = "-" if name == "dense" else str(args.min_seq_len)
         change = "" if reference_ppl is None else f"{ppl - reference_ppl:+.3f}"
         print(f"| {name} | {threshold} | {ppl:.3f} | {change} | {hits:.2f} | {nll:.3f} |", flush=True)
@@ -143,9 +144,11 @@ def main() -> None:
     parser.add_argument("--min-seq-len", type=int, default=1024)
     parser.add_argument("--parts", nargs="+", choices=["attention", "end-to-end"], default=["attention", "end-to-end"])
     parser.add_argument("--models", nargs="+", choices=["dense", *RECIPES], default=["dense", *RECIPES])
+    parser.add_argument("--device", default="cpu", help="device of the end-to-end part (fp32 model)")
     args = parser.parse_args()
     model, tokenizer = load_smollm2()
-    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} CPU, torch {torch.__version__}, SmolLM2-135M-Instruct fp32")
+    device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {device}, torch {torch.__version__}, SmolLM2-135M-Instruct fp32")
     print(f"# Q/K/V of layers {args.layers} on the first {max(args.seqs)} tokens of Lee held-out; block {BLOCK}")
     if "attention" in args.parts:
         ids = token_ids(tokenizer, "lee", "held_out", max_tokens=max(args.seqs))

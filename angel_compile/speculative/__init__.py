@@ -3,8 +3,10 @@
     draft = load_draft()                      # or EagleDraft(DraftConfig.for_target(target))
     tokens = generate(target, draft, input_ids, max_new_tokens=128, k=4)          # a chain
     tokens = generate(target, draft, input_ids, max_new_tokens=128, tree=(2, 2, 1))
+    tokens = generate(target, draft, input_ids, max_new_tokens=128, k=4, temperature=0.8)  # sampling
 
-Greedy output equals the target's own greedy decoding. See `decode.py` for the step,
+Greedy output equals the target's own greedy decoding; sampled output (temperature > 0,
+rejection sampling) is distributed as sampling the target. See `decode.py` for the step,
 `draft.py` for the head, `tree.py` for draft trees, `examples/train_eagle_draft.py` for training.
 """
 

@@ -21,16 +21,34 @@ the others go on. Greedy speculative output equals greedy decoding of the target
 token (up to floating-point ties between the verify forward over several tokens and a
 one-token forward).
 
+Sampling (temperature T > 0; Leviathan et al. 2023, Chen et al. 2023, and SpecInfer's
+multi-draft rule for trees, Miao et al. 2024): the prefill samples the first token from the
+target; in step 2 every node's children are drawn i.i.d. (with replacement: siblings may repeat
+a token) from the draft's q = softmax(draft logits / T); in step 4 the walk starts at the root with the
+target's p = softmax(target logits / T) after it and, level by level, tries the children of the
+current node in order: child x is accepted with probability min(1, p(x) / q(x)); on a rejection
+p <- norm(max(0, p - q)) and the next sibling is tried. An accepted child becomes the current
+node (p: the target's distribution after it); when every child is rejected, or at a leaf, the
+step's last token is drawn from the current p (the residual, or the bonus). The tokens are then
+distributed exactly as sampling the target at temperature T, one token at a time (up to
+floating-point rounding). The random numbers are a tensor input (`uniforms`, redrawn before
+every step by `run_to_end`; a loop of its own, e.g. CUDA-graph replays, calls
+`state.draw_uniforms()` before each step), so the sampling step compiles to one graph too.
+Steps 1, 3 and 5 are the greedy ones. No top-k / top-p filtering.
+
 State (all tensors, updated in place; build with `new_state`):
 target_k/target_v [layers, B, kv, capacity, d]; draft_k/draft_v [1, B, kv, capacity, d];
 target_len, draft_len [B] int64; pending_features [B, k+1, n_features * hidden];
 pending_tokens [B, k+1]; pending_count [B]; output [B, max_new + k + 2] (the last slot a
 sink for writes that must not land); output_len [B]; max_new [] int64; active_steps [B] (steps
-in which the row still advanced).
+in which the row still advanced). Sampling only (None when greedy): temperature [] float32;
+uniforms [B, 2N+1] float32 in [0, 1), N drafted nodes: one per node to draw it, one per node to
+accept it, one for the step's last token.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -69,12 +87,20 @@ class DecodeState:
     output_len: torch.Tensor
     max_new: torch.Tensor
     active_steps: torch.Tensor
+    temperature: torch.Tensor | None = None
+    uniforms: torch.Tensor | None = None
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return tuple(getattr(self, f.name) for f in fields(self))
+        values = (getattr(self, f.name) for f in fields(self))
+        return tuple(value for value in values if value is not None)
 
     def finished(self) -> bool:
         return bool((self.output_len >= self.max_new).all())
+
+    def draw_uniforms(self, generator: torch.Generator | None = None) -> None:
+        """Fresh random numbers for the next sampling step, from `generator` (on the state's device)."""
+        if self.uniforms is not None:
+            torch.rand(self.uniforms.shape, generator=generator, out=self.uniforms)
 
 
 @dataclass
@@ -117,6 +143,33 @@ def _check_prompt(input_ids: torch.Tensor, max_new_tokens: int) -> None:
         raise UnsupportedError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
 
 
+def _check_temperature(temperature: float) -> None:
+    number = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+    if not number or not math.isfinite(temperature) or temperature < 0:
+        raise UnsupportedError(f"temperature must be a finite number >= 0 (0: greedy); got {temperature!r}")
+
+
+def _probabilities(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """softmax(logits / T) in float32: [..., V]."""
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+def _sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: probs [..., V] (not necessarily normalized), uniforms [...] in [0, 1) -> tokens [...]."""
+    cdf = probs.cumsum(-1)
+    # 1 - u lies in (0, 1], so the threshold lies in (0, total]: the first token whose cumulative
+    # mass reaches it has positive probability and exists.
+    threshold = (1 - uniforms)[..., None] * cdf[..., -1:]
+    return (cdf < threshold).sum(-1)
+
+
+def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """norm(max(0, p - q)) over the last dim; p itself where that is empty (p == q up to rounding)."""
+    residual = (p - q).clamp_min(0)
+    mass = residual.sum(-1, keepdim=True)
+    return torch.where(mass > 0, residual / mass.clamp_min(torch.finfo(mass.dtype).tiny), p)
+
+
 def _prefill_target(
     target: nn.Module,
     shape: LlamaShape,
@@ -125,7 +178,7 @@ def _prefill_target(
     target_v: torch.Tensor,
     feature_layers: tuple[int, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fill the target's cache with the prompt; out: its greedy next token [B], features [B, P, F]."""
+    """Fill the target's cache with the prompt; out: its logits after the prompt [B, V], features [B, P, F]."""
     prompt = input_ids.shape[1]
     lengths = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
     depths = torch.arange(prompt, device=input_ids.device)
@@ -133,7 +186,7 @@ def _prefill_target(
         target, shape, input_ids, depths, causal_mask(prompt, input_ids.device), target_k, target_v, lengths,
         feature_layers,
     )  # fmt: skip
-    return logits[:, -1].argmax(-1), features
+    return logits[:, -1], features
 
 
 def _output_buffer(batch: int, max_new: int, extra: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -160,7 +213,8 @@ class GreedyDecoder(nn.Module):
         s = self.shape
         target_k, target_v = empty_cache(s.layers, batch, s.kv_heads, capacity, s.head_dim, dtype, device)
         with torch.no_grad():
-            first, _ = _prefill_target(self.target, s, input_ids, target_k, target_v)
+            logits, _ = _prefill_target(self.target, s, input_ids, target_k, target_v)
+        first = logits.argmax(-1)
         output, output_len, max_new = _output_buffer(batch, max_new_tokens, 0, device)
         output[:, 0] = first
         output_len += 1
@@ -215,9 +269,22 @@ class SpeculativeDecoder(nn.Module):
     def capacity_needed(self, prompt: int, max_new_tokens: int) -> int:
         return prompt + max_new_tokens + self.window + self.tree.num_drafted + 1
 
-    def new_state(self, input_ids: torch.Tensor, max_new_tokens: int, capacity: int | None = None) -> DecodeState:
-        """Prefill target and draft with `input_ids` [B, P] (equal lengths); the state holds the first new token."""
+    def new_state(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        capacity: int | None = None,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> DecodeState:
+        """Prefill target and draft with `input_ids` [B, P] (equal lengths); the state holds the first new token.
+
+        temperature 0: greedy (the first token is the target's argmax); > 0: the first token is
+        sampled from the target with `generator` (on the input's device; None: the global RNG),
+        and the state holds the sampling tensors (`temperature`, `uniforms`).
+        """
         _check_prompt(input_ids, max_new_tokens)
+        _check_temperature(temperature)
         batch, prompt = input_ids.shape
         needed = self.capacity_needed(prompt, max_new_tokens)
         capacity = capacity or needed
@@ -231,7 +298,7 @@ class SpeculativeDecoder(nn.Module):
         target_k, target_v = empty_cache(s.layers, batch, s.kv_heads, capacity, s.head_dim, target_dtype, device)
         draft_k, draft_v = empty_cache(1, batch, c.kv_heads, capacity, c.head_dim, draft_dtype, device)
         with torch.no_grad():
-            first, features = _prefill_target(self.target, s, input_ids, target_k, target_v, c.feature_layers)
+            logits, features = _prefill_target(self.target, s, input_ids, target_k, target_v, c.feature_layers)
             draft_len = torch.zeros(batch, dtype=torch.long, device=device)
             if prompt > 1:
                 # The draft reads positions 0..P-2 now; position P-1 (next token: `first`) is pending.
@@ -247,6 +314,14 @@ class SpeculativeDecoder(nn.Module):
                     draft_v[0],
                 )
                 draft_len += count
+        sampling = {}
+        if temperature > 0:
+            sampling["temperature"] = torch.tensor(float(temperature), device=device)
+            sampling["uniforms"] = torch.zeros(batch, 2 * self.tree.num_drafted + 1, device=device)
+            u = torch.rand(batch, generator=generator, device=device)
+            first = _sample(_probabilities(logits, sampling["temperature"]), u)
+        else:
+            first = logits.argmax(-1)
         pending_features = torch.zeros(batch, self.window, features.shape[-1], dtype=target_dtype, device=device)
         pending_features[:, 0] = features[:, -1]
         pending_tokens = torch.zeros(batch, self.window, dtype=torch.long, device=device)
@@ -268,6 +343,7 @@ class SpeculativeDecoder(nn.Module):
             output_len=output_len,
             max_new=max_new,
             active_steps=torch.zeros(batch, dtype=torch.long, device=device),
+            **sampling,
         )
 
     def forward(
@@ -285,8 +361,14 @@ class SpeculativeDecoder(nn.Module):
         output_len: torch.Tensor,
         max_new: torch.Tensor,
         active_steps: torch.Tensor,
+        temperature: torch.Tensor | None = None,
+        uniforms: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One speculative step; updates the state in place and returns the drafted tokens accepted [B]."""
+        """One speculative step; updates the state in place and returns the drafted tokens accepted [B].
+
+        With `temperature` and `uniforms` (a sampling state) it drafts and accepts by rejection
+        sampling (see the module docstring), else greedily.
+        """
         tree, draft = self.tree, self.draft
         device = target_len.device
         hidden = self.shape.hidden
@@ -311,15 +393,22 @@ class SpeculativeDecoder(nn.Module):
         level_tokens = [pending_tokens.gather(1, last)]  # the root: the last accepted token
         base = draft_len + pending_count  # [B], equals target_len
 
-        # 2. Draft the tree level by level: top-b children of every node of the level above.
+        # 2. Draft the tree level by level: the top-b children of every node of the level above, or
+        # b children drawn i.i.d. from the draft's distribution q after it.
+        draft_probs = []  # sampling: q after each node of each level but the leaves, [B, nodes above, V]
         for depth in range(1, tree.depth + 1):
             width = tree.branching[depth - 1]
+            nodes = tree.level_range(depth)
             scores = lm_head(level_hidden.to(target_dtype))  # [B, nodes above, V]
-            children = scores.topk(width, dim=-1).indices.flatten(1)  # [B, nodes]
+            if temperature is None:
+                children = scores.topk(width, dim=-1).indices.flatten(1)  # [B, nodes]
+            else:
+                draft_probs.append(_probabilities(scores, temperature))
+                draw = uniforms[:, nodes.start - 1 : nodes.stop - 1].unflatten(1, (-1, width))  # [B, above, b]
+                children = _sample(draft_probs[-1][:, :, None], draw).flatten(1)  # [B, nodes]
             level_tokens.append(children)
             if depth == tree.depth:
                 break
-            nodes = tree.level_range(depth)
             offsets = torch.arange(nodes.start - 1, nodes.stop - 1, device=device)
             slots = base[:, None] + offsets  # [B, nodes]
             sees = self.tree_ancestor_mask[nodes.start : nodes.stop, 1 : self.draft_tree_slots + 1]
@@ -339,15 +428,28 @@ class SpeculativeDecoder(nn.Module):
             self.target, self.shape, node_tokens, self.tree_depths, self.tree_ancestor_mask, target_k, target_v,
             target_len, draft.config.feature_layers,
         )  # fmt: skip
-        greedy = logits.argmax(-1)  # [B, N+1]: the target's choice after each node
 
-        # 4. Accept the deepest node whose every ancestor (and itself) is the target's choice.
-        matched = (node_tokens == greedy[:, self.tree_parents]) | (self.tree_depths == 0)
-        rejected_on_path = (self.tree_ancestor_mask[None] & ~matched[:, None, :]).any(-1)  # [B, N+1]
-        best = torch.where(rejected_on_path, -1, self.tree_depths).argmax(-1)  # [B]
-        accepted = self.tree_depths[best]  # [B]
-        path = self.tree_path_to[best]  # [B, k+1] node indices, root first
-        emitted = greedy.gather(1, path)  # [B, k+1]; valid up to `accepted`, the last being the bonus
+        # 4. Accept the deepest node whose every ancestor (and itself) is the target's choice, or
+        # walk down the tree by rejection sampling.
+        if temperature is None:
+            greedy = logits.argmax(-1)  # [B, N+1]: the target's choice after each node
+            matched = (node_tokens == greedy[:, self.tree_parents]) | (self.tree_depths == 0)
+            rejected_on_path = (self.tree_ancestor_mask[None] & ~matched[:, None, :]).any(-1)  # [B, N+1]
+            best = torch.where(rejected_on_path, -1, self.tree_depths).argmax(-1)  # [B]
+            accepted = self.tree_depths[best]  # [B]
+            path = self.tree_path_to[best]  # [B, k+1] node indices, root first
+            emitted = greedy.gather(1, path)  # [B, k+1]; valid up to `accepted`, the last being the bonus
+        else:
+            n = tree.num_drafted
+            target_probs = _probabilities(logits, temperature)  # [B, N+1, V]: p after each node
+            best, last_token = self._sample_path(
+                node_tokens, target_probs, torch.cat(draft_probs, dim=1), uniforms[:, n : 2 * n], uniforms[:, 2 * n]
+            )
+            accepted = self.tree_depths[best]
+            path = self.tree_path_to[best]
+            # The path's drafted tokens, then the sampled one after the last accepted node.
+            path_tokens = torch.cat([node_tokens.gather(1, path)[:, 1:], last_token[:, None]], dim=1)
+            emitted = torch.where(window == accepted[:, None], last_token[:, None], path_tokens)  # [B, k+1]
         kept_features = features.gather(1, path[..., None].expand(-1, -1, features.shape[-1]))
 
         # 5. Commit: move the path's keys/values next to each other, advance the lengths.
@@ -372,6 +474,44 @@ class SpeculativeDecoder(nn.Module):
         pending_tokens.copy_(torch.where(active[:, None], emitted, pending_tokens))
         pending_features.copy_(torch.where(active[:, None, None], kept_features, pending_features))
         return accepted
+
+    def _sample_path(
+        self,
+        node_tokens: torch.Tensor,
+        target_probs: torch.Tensor,
+        draft_probs: torch.Tensor,
+        accept_uniforms: torch.Tensor,
+        last_uniforms: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Recursive rejection sampling down the tree (one child per level for a chain).
+
+        node_tokens [B, N+1]; target_probs [B, N+1, V]: p after each node; draft_probs [B, M, V]:
+        q after each of the first M nodes (all but the leaves), which its children were drawn
+        from; accept_uniforms [B, N] (one per drafted node), last_uniforms [B].
+        Out: the deepest accepted node [B] and the token sampled after it [B].
+        """
+        tree = self.tree
+        rows = torch.arange(node_tokens.shape[0], device=node_tokens.device)
+        node = torch.zeros_like(rows)
+        walking = torch.ones_like(rows, dtype=torch.bool)  # rows whose node's children are tried next
+        p = target_probs[:, 0]  # the (residual) distribution the step's next token must follow
+        for depth in range(tree.depth):
+            width = tree.branching[depth]
+            q = draft_probs[rows, node]  # [B, V]
+            first_child = tree.level_range(depth + 1).start + (node - tree.level_range(depth).start) * width
+            trying = walking
+            for j in range(width):
+                child = torch.where(trying, first_child + j, 1)  # rows done trying read node 1, unused
+                token = node_tokens[rows, child]
+                # accepted with probability min(1, p(x) / q(x)); q(x) > 0 as x was drawn from q
+                accept = trying & (accept_uniforms[rows, child - 1] * q[rows, token] < p[rows, token])
+                rejected = trying & ~accept
+                node = torch.where(accept, child, node)
+                p = torch.where(rejected[:, None], _residual(p, q), p)
+                trying = rejected
+            walking = walking & ~trying  # rows that rejected every child stop with the residual p
+            p = torch.where(walking[:, None], target_probs[rows, node], p)
+        return node, _sample(p, last_uniforms)
 
 
 def _dtype(module: nn.Module) -> torch.dtype:
@@ -398,10 +538,17 @@ def speculative_stats(state: DecodeState, steps: int) -> GenerateStats:
     return GenerateStats(steps=steps, new_tokens=new_tokens, row_steps=int(state.active_steps.sum()))
 
 
-def run_to_end(step: Callable[..., torch.Tensor], state: DecodeState | GreedyState) -> int:
-    """Call `step(*state.tensors())` until every row has its tokens; returns the number of calls."""
+def run_to_end(
+    step: Callable[..., torch.Tensor], state: DecodeState | GreedyState, generator: torch.Generator | None = None
+) -> int:
+    """Call `step(*state.tensors())` until every row has its tokens; returns the number of calls.
+
+    A sampling state's uniforms are redrawn from `generator` (None: the global RNG) before each call.
+    """
     steps = 0
     while not state.finished():
+        if isinstance(state, DecodeState):
+            state.draw_uniforms(generator)
         step(*state.tensors())
         steps += 1
     return steps
@@ -426,18 +573,21 @@ def generate(
     temperature: float = 0.0,
     step: nn.Module | None = None,
     return_stats: bool = False,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, GenerateStats]:
-    """Speculative greedy decoding of `target` with the EAGLE `draft`.
+    """Speculative decoding of `target` with the EAGLE `draft`: greedy, or sampling at `temperature`.
 
     input_ids [B, P] int64 (equal-length prompts). k: drafted tokens per step (a chain; default
     4) or tree: branching per depth, e.g. (2, 2, 1) (at most `tree.MAX_TREE_NODES` nodes).
     step: a compiled step to call instead of the eager one, e.g. `compiled.compile_step(...)`;
     its target, draft and tree are used (draft may then be None; k/tree must agree if given).
-    Out: [B, P + max_new_tokens], token-identical to `greedy_generate(target, ...)`; with
-    return_stats also the `GenerateStats`.
+    temperature 0: greedy, token-identical to `greedy_generate(target, ...)`. temperature > 0:
+    rejection sampling (chains and trees; see the module docstring), so each row is distributed
+    exactly as sampling the target from softmax(logits / temperature) token by token; random
+    numbers come from `generator` (on the input's device; None: the global RNG).
+    Out: [B, P + max_new_tokens]; with return_stats also the `GenerateStats`.
     """
-    if temperature != 0.0:
-        raise UnsupportedError(f"only greedy speculative decoding (temperature=0) is supported; got {temperature}")
+    _check_temperature(temperature)
     if step is None:
         if draft is None:
             raise UnsupportedError("generate needs a draft (an EagleDraft) or a compiled step")
@@ -449,7 +599,7 @@ def generate(
         if (k is not None or tree is not None) and resolve_tree(k, tree) != decoder.tree:
             raise UnsupportedError(f"the step drafts the tree {decoder.tree.branching}; k/tree ask for another")
     with torch.no_grad():
-        state = decoder.new_state(input_ids, max_new_tokens)
-        steps = run_to_end(decoder if step is None else step, state)
+        state = decoder.new_state(input_ids, max_new_tokens, temperature=temperature, generator=generator)
+        steps = run_to_end(decoder if step is None else step, state, generator)
     sequences = torch.cat([input_ids, state.output[:, :max_new_tokens]], dim=1)
     return (sequences, speculative_stats(state, steps)) if return_stats else sequences

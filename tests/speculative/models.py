@@ -1,6 +1,7 @@
 """Tiny targets and drafts for speculative-decoding tests (random weights, no downloads)."""
 
 import torch
+import transformers
 
 from angel_compile.models import build_toy_model
 from angel_compile.speculative import DraftConfig, EagleDraft
@@ -39,3 +40,26 @@ def oracle_draft(target: torch.nn.Module) -> EagleDraft:
 def random_draft(target: torch.nn.Module, seed: int = 1) -> EagleDraft:
     torch.manual_seed(seed)
     return EagleDraft(DraftConfig.for_target(target)).to(next(target.parameters()))
+
+
+def tiny_vocab_target(vocab: int = 8, logit_scale: float = 20.0, seed: int = 0) -> torch.nn.Module:
+    """A very small Llama (float64, hidden 16, 2 layers) over `vocab` tokens.
+
+    Its LM head is scaled by `logit_scale` so that next-token distributions are peaked enough
+    for a few thousand samples to tell them apart.
+    """
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        use_cache=False,
+    )
+    torch.manual_seed(seed)
+    target = transformers.LlamaForCausalLM(config).eval().double()
+    with torch.no_grad():
+        target.lm_head.weight.mul_(logit_scale)
+    return target

@@ -33,6 +33,22 @@ def test_int8_target_bf16_draft_recipe_compiles_one_graph_and_stays_lossless(tmp
     assert details["tree"] == [1, 1, 1, 1] and details["attention_calls"] == 2 + 4
 
 
+def test_sampling_step_compiles_one_graph_and_draws_what_the_eager_step_draws():
+    torch._dynamo.reset()
+    target = predictable_target(layer_scale=3.0).float()
+    draft = oracle_draft(target)
+    recipe = {"name": "tree", "passes": [{"name": "speculative_decoding", "options": {"tree": [2, 1]}}]}
+    step = compile_step(target, draft, recipe=recipe)
+    ids = torch.randint(0, 256, (3, 5), generator=torch.Generator().manual_seed(1))
+
+    def sample(step, draft) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(5)
+        return generate(target, draft, ids, 12, tree=(2, 1), temperature=1.0, step=step, generator=generator)
+
+    # The random numbers are inputs of the step, so the compiled graph draws the same tokens.
+    assert torch.equal(sample(step, None), sample(None, draft))
+
+
 def test_recipe_options_are_checked():
     assert speculative_pass("speculative-eagle").token_tree().branching == (1, 1, 1, 1)
     with pytest.raises(RecipeError, match="k .* must be >= 1"):

@@ -112,8 +112,8 @@ def test_bad_input_is_named(target):
     wrong_vocab = EagleDraft(DraftConfig(64, 300, (0, 5), 4, 2, 16, 128, 10000.0))
     with pytest.raises(UnsupportedError, match="vocabulary 300 != target's 256.*feature_layers"):
         SpeculativeDecoder(target, wrong_vocab, TokenTree.chain(2))
-    with pytest.raises(UnsupportedError, match="temperature"):
-        generate(target, draft, ids, 4, temperature=0.7)
+    with pytest.raises(UnsupportedError, match="temperature must be a finite number >= 0"):
+        generate(target, draft, ids, 4, temperature=-0.7)
     with pytest.raises(UnsupportedError, match="max_new_tokens"):
         generate(target, draft, ids, 0)
     with pytest.raises(UnsupportedError, match="int64 tensor"):
