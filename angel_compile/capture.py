@@ -15,10 +15,9 @@ parameters arrive as inputs).
 
 from __future__ import annotations
 
-import contextlib
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -48,7 +47,7 @@ def capture_model(
         program = model
     elif isinstance(model, torch.nn.Module):
         try:
-            with torch.no_grad(), _math_attention_on_cuda(example_args, example_kwargs):
+            with torch.no_grad():
                 program = torch.export.export(
                     model, tuple(example_args), dict(example_kwargs or {}), dynamic_shapes=dynamic_shapes, strict=False
                 )
@@ -64,25 +63,6 @@ def capture_model(
         # torch's own pytree deprecation warning, raised while it copies the program.
         warnings.simplefilter("ignore", FutureWarning)
         return program.run_decompositions(DECOMPOSITIONS).module()
-
-
-@contextlib.contextmanager
-def _math_attention_on_cuda(example_args: tuple[Any, ...], example_kwargs: Mapping[str, Any] | None) -> Iterator[None]:
-    """Trace scaled-dot-product attention through its math backend when the inputs are on CUDA.
-
-    The graph keeps one attention node either way; only the shape checks made while tracing
-    change: the memory-efficient CUDA backend pads an explicit mask to a multiple of 8 tokens,
-    which would pin a dynamic sequence dim to multiples of 8 (torch.export "Constraints
-    violated"). Running the graph later picks the backend as usual.
-    """
-    leaves = torch.utils._pytree.tree_leaves((example_args, example_kwargs))
-    if not any(isinstance(t, torch.Tensor) and t.is_cuda for t in leaves):
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
 
 
 def parameter_path(source_name: str, fallback: str) -> str:

@@ -11,7 +11,9 @@ reference. GB/s counts the bytes each side must move (weight, scales, zeros, x, 
 --sweep first times GEMV (M = 1) and small-M (M = 16) tile variants and prints them.
 --variants times only M = 1: bf16 and every GEMV kernel variant (the byte kernel's
 GEMV_CONFIG and GEMV_VARIANTS: `_gemv_kernel` and `_gemv_words_kernel` tiles, split K), and
-prints one table with each variant's speedup over bf16 from the same run.
+prints one table with each variant's speedup over bf16 from the same run, and, where torchao
+imports, torchao's own int4 weight-only linear (`Int4WeightOnlyConfig`, group 128, tile-packed
+format: the tinygemm kernel `aten._weight_int4pack_mm`) on the same weights.
 """
 
 from __future__ import annotations
@@ -116,6 +118,40 @@ def _sweep(rep: int) -> None:
                 print(f"{role} M={m} {config}: {us:.2f} µs, rel. err {error:.1e}")
 
 
+def _torchao_int4(weights: list[torch.Tensor]) -> list[torch.nn.Module]:
+    """torchao-quantized copies of nn.Linear(weights) (raises where torchao is absent or refuses)."""
+    from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+    config = Int4WeightOnlyConfig(group_size=GROUP, int4_packing_format="tile_packed_to_4d")
+    linears = []
+    for w in weights:
+        linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        linear.weight.data.copy_(w)
+        quantize_(linear, config)
+        linears.append(linear)
+    return linears
+
+
+def _torchao_row(role: str, n: int, k: int, x: torch.Tensor, weights: list[torch.Tensor], bf16_us: float, rep: int):
+    try:
+        linears = _torchao_int4(weights)
+        with torch.no_grad():
+            error = _error(linears[0](x), F.linear(x.double(), weights[0].double()))
+
+            def run(x=x, linears=linears) -> None:
+                for linear in linears:
+                    linear(x)
+
+            us = _time(run, rep) * 1e3 / len(linears)
+    except Exception as exc:  # torchao missing or incompatible on this machine: say so
+        print(f"| {role} {n}×{k} | torchao int4 | unavailable: {type(exc).__name__}: {str(exc)[:80]} | | | |")
+        return
+    print(
+        f"| {role} {n}×{k} | torchao int4 (tinygemm), no bias | {us:.2f} | {bf16_us / us:.2f}× | - | "
+        f"{error:.1e} vs bf16 W |"
+    )
+
+
 def _variants(rep: int) -> None:
     """M = 1: bf16 and each GEMV variant on HBM-resident weights, one table of same-run ratios."""
     print("\n## GEMV variants, M = 1 (µs per weight copy, CUDA graphs; speedup = bf16 / variant)")
@@ -138,6 +174,7 @@ def _variants(rep: int) -> None:
             x.double(), qs[0].packed, qs[0].scales.double(), qs[0].zeros, GROUP, bias.double()
         )
         int4_bytes = n * k // 2 + 3 * n * (k // GROUP) + (k + 2 * n) * 2
+        _torchao_row(role, n, k, x, weights, bf16_us, rep)
         for config in GEMV_VARIANTS:
             name = " ".join(f"{key}={value}" for key, value in config.items())
 

@@ -6,13 +6,18 @@ call rotates over > 200 MB of weight copies, so every weight byte comes from HBM
 Correctness is checked first against the float64 reference. Goals (issue 6, M = 1): INT2 ≥ 5×
 bf16, ternary ≥ 7× bf16 and faster than INT2.
 
-    python -m benchmarks.bench_lowbit [--quick] [--batches 1,16]
+    python -m benchmarks.bench_lowbit [--quick] [--batches 1,16] [--variants]
+
+--variants times only M = 1: bf16 and every GEMV tile in `int2_gemm.GEMV_VARIANTS` and
+`ternary_gemm.GEMV_VARIANTS` (each checked against the reference first; one that fails to compile
+or is wrong is reported as failed) and prints one table of same-run speedups over bf16.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import math
 
 import torch
@@ -20,6 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
+from angel_compile.kernels import int2_gemm, ternary_gemm
 from angel_compile.kernels.int2_gemm import int2_weight_only_linear_triton
 from angel_compile.kernels.ternary_gemm import ternary_3of4_linear_triton
 from angel_compile.ops.int2 import int2_weight_only_linear_reference, quantize_int2_rtn
@@ -30,6 +36,7 @@ SHAPES = [("gate/up", 14336, 4096), ("down", 4096, 14336)]
 INT2_GROUP, TERNARY_GROUP = 64, 128
 ROTATED_BYTES = 200e6  # > 4x the L2 of an H100 (50 MB) or H200 (60 MB)
 MAX_REL_ERROR = 1e-2  # bf16 output rounding
+VARIANTS_REP = 30  # ms per CUDA-graph measurement in --variants: the whole table in < 3 minutes
 
 
 def _error(out: torch.Tensor, expected: torch.Tensor) -> float:
@@ -40,10 +47,89 @@ def _copies(nbytes: int) -> int:
     return max(2, math.ceil(ROTATED_BYTES / nbytes))
 
 
+def _int2_copies(bf16: list[torch.Tensor], n: int, k: int) -> list:
+    int2 = [quantize_int2_rtn(w, INT2_GROUP, clip_search=False) for w in bf16[: _copies(n * k // 4)]]
+    while len(int2) < _copies(n * k // 4):  # the copies only need distinct addresses
+        int2.append(quantize_int2_rtn(bf16[len(int2) % len(bf16)] * 1.01, INT2_GROUP, clip_search=False))
+    return int2
+
+
+def _ternary_copies(bf16: list[torch.Tensor], n: int, k: int) -> list:
+    ternary = [quantize_ternary_3of4(w, TERNARY_GROUP) for w in bf16[: _copies(n * k * 5 // 32)]]
+    while len(ternary) < _copies(n * k * 5 // 32):
+        ternary.append(quantize_ternary_3of4(bf16[len(ternary) % len(bf16)] * 1.01, TERNARY_GROUP))
+    return ternary
+
+
+def _time_variant(run, expected: torch.Tensor, copies: int) -> tuple[float | None, str]:
+    """(µs per weight copy, "") of `run(all_copies: bool)`, or (None, why) if it fails or is wrong."""
+    try:
+        error = _error(run(False), expected)
+        if not error < MAX_REL_ERROR:
+            return None, f"failed: rel. err {error:.1e}"
+        us = triton.testing.do_bench_cudagraph(lambda: run(True), rep=VARIANTS_REP, return_mode="median")
+        return us * 1e3 / copies, f"{error:.1e}"
+    except Exception as e:  # a variant that does not compile is a table row, not a crash
+        return None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+
+
+def _variants() -> None:
+    """M = 1: bf16 and each int2 / ternary GEMV variant on HBM-resident weights, one table."""
+    print("\n## GEMV variants, M = 1 (µs per weight copy, CUDA graphs; speedup = bf16 µs / variant µs)")
+    print("| variant | shape (N×K) | µs | speedup vs bf16 | weight GB/s | rel. err |")
+    print("|---|---|---|---|---|---|")
+    for role, n, k in SHAPES:
+        bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(_copies(n * k * 2))]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        shape = f"{role} {n}×{k}"
+
+        def run_bf16(x=x, bf16=bf16) -> None:
+            for w in bf16:
+                F.linear(x, w)
+
+        bf16_us = triton.testing.do_bench_cudagraph(run_bf16, rep=VARIANTS_REP, return_mode="median") * 1e3 / len(bf16)
+        print(f"| bf16 F.linear | {shape} | {bf16_us:.1f} | 1.00× | {n * k * 2 / bf16_us / 1e3:,.0f} | - |", flush=True)
+        families = []
+        int2 = _int2_copies(bf16, n, k)
+        q = int2[0]
+        expected = int2_weight_only_linear_reference(x.double(), q.packed, q.scales.double(), q.zeros, INT2_GROUP, None)
+
+        def run_int2(all_copies: bool, config: dict, int2=int2, x=x) -> torch.Tensor:
+            for q in int2 if all_copies else int2[:1]:
+                y = int2_weight_only_linear_triton(x, q.packed, q.scales, q.zeros, INT2_GROUP, config=config)
+            return y
+
+        families.append(("int2", int2_gemm.GEMV_VARIANTS, run_int2, expected, int2))
+        ternary_variants = getattr(ternary_gemm, "GEMV_VARIANTS", {})
+        if ternary_variants:
+            ternary = _ternary_copies(bf16, n, k)
+            q = ternary[0]
+            expected = ternary_3of4_linear_reference(x.double(), q.packed, q.scales.double(), TERNARY_GROUP, None)
+
+            def run_ternary(all_copies: bool, config: dict, ternary=ternary, x=x) -> torch.Tensor:
+                for q in ternary if all_copies else ternary[:1]:
+                    y = ternary_3of4_linear_triton(x, q.packed, q.scales, TERNARY_GROUP, config=config)
+                return y
+
+            families.append(("ternary", ternary_variants, run_ternary, expected, ternary))
+        for family, variants, run, expected, copies in families:
+            for name, config in variants.items():
+                us, note = _time_variant(functools.partial(run, config=config), expected, len(copies))
+                row = f"| {family} {name} | {shape} | "
+                if us is None:
+                    row += f"{note} | - | - | - |"
+                else:
+                    row += f"{us:.1f} | {bf16_us / us:.2f}× | {copies[0].nbytes() / us / 1e3:,.0f} | {note} |"
+                print(row, flush=True)
+        del bf16, families
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--batches", default="1,16", help="comma-separated M values")
+    parser.add_argument("--variants", action="store_true", help="only M = 1: every GEMV variant vs bf16")
     args = parser.parse_args()
     rep = 50 if args.quick else 300
     batches = [int(m) for m in args.batches.split(",")]
@@ -51,15 +137,13 @@ def main() -> None:
         f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {torch.cuda.get_device_name()}, "
         f"torch {torch.__version__}, triton {triton.__version__}"
     )
+    if args.variants:
+        _variants()
+        return
     rows = []
     for role, n, k in SHAPES:
         bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(_copies(n * k * 2))]
-        int2 = [quantize_int2_rtn(w, INT2_GROUP, clip_search=False) for w in bf16[: _copies(n * k // 4)]]
-        ternary = [quantize_ternary_3of4(w, TERNARY_GROUP) for w in bf16[: _copies(n * k * 5 // 32)]]
-        while len(int2) < _copies(n * k // 4):  # the copies only need distinct addresses
-            int2.append(quantize_int2_rtn(bf16[len(int2) % len(bf16)] * 1.01, INT2_GROUP, clip_search=False))
-        while len(ternary) < _copies(n * k * 5 // 32):
-            ternary.append(quantize_ternary_3of4(bf16[len(ternary) % len(bf16)] * 1.01, TERNARY_GROUP))
+        int2, ternary = _int2_copies(bf16, n, k), _ternary_copies(bf16, n, k)
         for m in batches:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             q2, qt = int2[0], ternary[0]

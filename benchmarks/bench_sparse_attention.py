@@ -9,11 +9,15 @@ built-in recipes' parameters, and reports its density (fraction of causal blocks
 and the relative error of its output against the dense output. The last rows time the
 kernel alone at 100% density against the dense baseline.
 
+With --variants it times instead every launch config of the kernel's `VARIANTS` at 100%
+density against the dense baseline, each checked against the dense output first; a variant
+that fails to compile or to match is reported as such.
+
 Q/K/V are random here: timings do not depend on the values, but the dynamic methods'
 density does (random keys have flat attention, so s2o stays dense); see
 `benchmarks/sparse_attention_quality.py` for density and error on recorded attention inputs.
 
-    python -m benchmarks.bench_sparse_attention [--seqs 8192 32768 131072]
+    python -m benchmarks.bench_sparse_attention [--seqs 8192 32768 131072] [--variants]
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import angel_compile  # noqa: F401  (registers the op and its CUDA kernel)
-from angel_compile.kernels.block_sparse_attention import block_sparse_attention_triton
+from angel_compile.kernels.block_sparse_attention import VARIANTS, block_sparse_attention_triton
 from angel_compile.recipe import load_recipe
 from angel_compile.sparse.selection import (
     SparseAttentionConfig,
@@ -57,29 +61,52 @@ def _config(recipe: str) -> SparseAttentionConfig:
     return SparseAttentionConfig(**{**spec.options, "min_seq_len": 0})
 
 
-def bench_seq(seq: int) -> None:
-    """Print the table rows of one sequence length (its tensors are freed on return)."""
-    scale = DIM**-0.5
+def _inputs(seq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     q = torch.randn(1, HEADS, seq, DIM, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, KV_HEADS, seq, DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return q, k, v
+
+
+def _dense_baselines(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> dict:
+    """{backend: (ms, output) or the reason it is unavailable} of dense causal SDPA."""
+    seq = q.shape[2]
     k_rep, v_rep = (t.repeat_interleave(HEADS // KV_HEADS, dim=1) for t in (k, v))
 
     def dense() -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True, scale=scale)
 
-    dense_ms, dense_out, dense_name = float("inf"), None, ""
+    results = {}
     for name, backend in BACKENDS.items():
         try:
             with sdpa_kernel([backend]):
-                out = dense()
-                ms = _bench(dense, seq)
+                results[name] = (_bench(dense, seq), dense())
         except RuntimeError as exc:
-            print(f"| {seq} | dense SDPA {name} | unavailable: {str(exc).splitlines()[0][:60]} | | | |")
-            continue
-        print(f"| {seq} | dense SDPA {name} | {ms:.2f} | | 1.000 | |")
-        if ms < dense_ms:
-            dense_ms, dense_out, dense_name = ms, out, name
+            results[name] = str(exc).splitlines()[0][:60]
+    return results
+
+
+def _fastest(baselines: dict) -> tuple[str, float, torch.Tensor]:
+    name, (ms, out) = min(((n, r) for n, r in baselines.items() if isinstance(r, tuple)), key=lambda x: x[1][0])
+    return name, ms, out
+
+
+def _full_index(seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = -(-seq // 128)
+    return block_mask_to_index(causal_block_mask(n, "cuda").expand(1, HEADS, n, n))
+
+
+def bench_seq(seq: int) -> None:
+    """Print the table rows of one sequence length (its tensors are freed on return)."""
+    scale = DIM**-0.5
+    q, k, v = _inputs(seq)
+    baselines = _dense_baselines(q, k, v, scale)
+    for name, result in baselines.items():
+        if isinstance(result, str):
+            print(f"| {seq} | dense SDPA {name} | unavailable: {result} | | | |")
+        else:
+            print(f"| {seq} | dense SDPA {name} | {result[0]:.2f} | | 1.000 | |")
+    dense_name, dense_ms, dense_out = _fastest(baselines)
     versus = f"x vs {dense_name}"
     for recipe in RECIPES:
         c = _config(recipe)
@@ -96,8 +123,7 @@ def bench_seq(seq: int) -> None:
         ms, select_ms = _bench(sparse, seq), _bench(selection, seq)
         what = f"{c.method} (op; selection alone {select_ms:.2f} ms)"
         print(f"| {seq} | {what} | {ms:.2f} | {dense_ms / ms:.2f}{versus} | {density:.3f} | {error:.2e} |")
-    n = -(-seq // 128)
-    index, count = block_mask_to_index(causal_block_mask(n, "cuda").expand(1, HEADS, n, n))
+    index, count = _full_index(seq)
 
     def full_kernel() -> torch.Tensor:
         return block_sparse_attention_triton(q, k, v, index, count, scale, 128)
@@ -107,17 +133,50 @@ def bench_seq(seq: int) -> None:
     print(f"| {seq} | kernel at 100% density | {ms:.2f} | {dense_ms / ms:.2f}{versus} | 1.000 | {error:.2e} |")
 
 
+def bench_variants(seq: int) -> None:
+    """Print one row per kernel variant at 100% density, and the dense baseline's row."""
+    scale = DIM**-0.5
+    q, k, v = _inputs(seq)
+    dense_name, dense_ms, dense_out = _fastest(_dense_baselines(q, k, v, scale))
+    causal_flop = 4 * HEADS * seq * seq * DIM / 2  # q·kᵀ and p·v over the causal half
+
+    def row(what: str, ms: float) -> str:
+        return f"| {seq} | {what} | {ms:.2f} | {dense_ms / ms:.3f} | {causal_flop / ms / 1e9:.0f} |"
+
+    print(row(f"dense SDPA {dense_name}", dense_ms))
+    index, count = _full_index(seq)
+    for name, config in VARIANTS.items():
+
+        def kernel(config=config) -> torch.Tensor:
+            return block_sparse_attention_triton(q, k, v, index, count, scale, 128, config=config)
+
+        try:
+            error = _relative_error(kernel(), dense_out)
+        except Exception as exc:  # a compile or launch failure of one variant, not of the run
+            print(f"| {seq} | {name} | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]} | | |")
+            continue
+        if error >= 1e-2:
+            print(f"| {seq} | {name} | wrong: rel. error {error:.2e} vs SDPA | | |")
+            continue
+        print(row(name, _bench(kernel, seq)), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seqs", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--variants", action="store_true", help="time the kernel's VARIANTS at 100%% density")
     args = parser.parse_args()
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"# B=1, {HEADS} q heads / {KV_HEADS} kv heads, d={DIM}, bf16, causal; times in ms (median)")
     print("# goals (issue 5): sparse >= 8x dense at 128K, >= 3x at 32K; kernel at 100% density >= 0.8x dense")
-    print("| seq | what | ms | speedup vs dense | density | rel. error |")
-    print("|---|---|---|---|---|---|")
+    if args.variants:
+        print("| seq | variant | ms | x vs dense | TFLOP/s |")
+        print("|---|---|---|---|---|")
+    else:
+        print("| seq | what | ms | speedup vs dense | density | rel. error |")
+        print("|---|---|---|---|---|---|")
     for seq in args.seqs:
-        bench_seq(seq)
+        (bench_variants if args.variants else bench_seq)(seq)
         torch.cuda.empty_cache()
 
 

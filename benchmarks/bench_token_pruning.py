@@ -3,40 +3,44 @@
 Random weights (hidden 3584, MLP 18944, 28 query / 4 KV heads, SDPA), batch 1, a prompt of
 128 text tokens around 2,048 or 8,192 visual tokens. For each pruning ratio (0 / 75 / 90%):
   - prefill: the language model's forward on the (pruned) embeddings, median ms;
-  - selection: `angel::prune_tokens` with MMR (λ = 0.5) on the merged embeddings — the
-    Triton greedy kernel plus the gathers — ms, and its share of the pruned prefill (the goal
-    is < 3%), and the total (selection + pruned prefill) vs the unpruned prefill;
+  - selection: `angel::prune_tokens` with MMR (λ = 0.5) on the merged embeddings — the lazy
+    greedy of `kernels/mmr_select.py` (candidate rounds: top-k, GEMM, Triton kernels) plus the
+    gathers — ms, the rounds it ran, its share of the pruned prefill (the goal is < 3%), and
+    the total (selection + pruned prefill) vs the unpruned prefill;
   - the same greedy MMR as PyTorch ops on the GPU (`mmr_select_reference`: one batched
     GEMV + argmax per pick), for comparison.
-Prefill: same-run medians of `triton.testing.do_bench`. Selection: one timed call (CUDA
-events) after a warm-up on a small input, because the greedy loop is sequential in k and the
-Triton kernel runs it in one program per batch row, reading all N·D features each step: at
-8,192 tokens × 3,584 dims it can take minutes (see RESULTS.md). Run 2,048 first:
+Then the selection alone (`mmr_select_rounds` on bf16 unit features with the same local
+redundancy) for 2,048 / 8,192 / 16,384 tokens and each `--candidates` count.
+Prefill: same-run medians of `triton.testing.do_bench`. Selection: the median wall time of
+several synchronised calls (the rounds' host syncs are part of the cost).
 
-    python -m benchmarks.bench_token_pruning --visual 2048
-    python -m benchmarks.bench_token_pruning --visual 8192
+    python -m benchmarks.bench_token_pruning --visual 2048 8192
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import statistics
+import time
 
 import torch
 import transformers
 import triton.testing
 
 import angel_compile  # noqa: F401  (registers the op and its CUDA kernel)
-from angel_compile.kernels.mmr_select import mmr_select_triton
+from angel_compile.kernels.mmr_select import mmr_select_rounds
 from angel_compile.ops.prune_tokens import kept_count, mmr_select_reference, prune_tokens_forward
 
 TEXT_TOKENS = 128
+DIM = 3584
 RATIOS = (0.0, 0.75, 0.9)
+SELECTION_ALONE = (2048, 8192, 16384)
 
 
 def _language_model() -> torch.nn.Module:
     config = transformers.Qwen2Config(
-        hidden_size=3584,
+        hidden_size=DIM,
         intermediate_size=18944,
         num_hidden_layers=4,
         num_attention_heads=28,
@@ -54,29 +58,43 @@ def _bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
 
 
-def _time_once(fn) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+def _median_ms(fn, runs: int) -> float:
+    """Median wall time of `runs` synchronised calls after one warm-up call."""
     fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end)
+    times = []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def _visual_features(visual: int) -> torch.Tensor:
+    """[1, visual, DIM] features with local redundancy: 16 neighbouring patches share a centre."""
+    smooth = torch.randn(1, visual // 16, DIM, device="cuda").repeat_interleave(16, dim=1)
+    return smooth + 0.5 * torch.randn_like(smooth)
 
 
 def bench_visual(model: torch.nn.Module, visual: int) -> None:
     seq = TEXT_TOKENS + visual
     torch.manual_seed(visual)
-    # Visual features with local redundancy (neighbouring patches alike), text random.
-    embeds = torch.randn(1, seq, 3584, device="cuda", dtype=torch.bfloat16)
+    embeds = torch.randn(1, seq, DIM, device="cuda", dtype=torch.bfloat16)  # text random
     start = TEXT_TOKENS // 2
-    smooth = torch.randn(1, visual // 16, 3584, device="cuda").repeat_interleave(16, dim=1)
-    embeds[:, start : start + visual] = (smooth + 0.5 * torch.randn_like(smooth)).to(torch.bfloat16)
+    embeds[:, start : start + visual] = _visual_features(visual).to(torch.bfloat16)
     mask = torch.zeros(1, seq, dtype=torch.bool, device="cuda")
     mask[:, start : start + visual] = True
     positions = torch.arange(seq, device="cuda").unsqueeze(0)
     full_ms = None
     for ratio in RATIOS:
         keep = kept_count(visual, ratio)
+        rounds = []
+
+        def counting_select(features, importance, keep, lambda_, rounds=rounds) -> torch.Tensor:
+            picks, used = mmr_select_rounds(features, importance, keep, lambda_)
+            rounds.append(used)
+            return picks
 
         def select(keep=keep) -> tuple[torch.Tensor, torch.Tensor]:
             return torch.ops.angel.prune_tokens(embeds, mask, visual, keep, "mmr", 0.5, 1.0, 0)
@@ -93,34 +111,58 @@ def bench_visual(model: torch.nn.Module, visual: int) -> None:
                 return model(inputs_embeds=pruned, position_ids=pruned_positions, attention_mask=mask_2d)
 
             prefill_ms = _bench(prefill)
-            select_ms = _time_once(select) if ratio > 0 else 0.0
-            torch_ms = _time_once(select_torch) if ratio > 0 else 0.0
+            select_ms = torch_ms = 0.0
+            if ratio > 0:
+                select_ms = _median_ms(select, runs=10)
+                torch_ms = _median_ms(select_torch, runs=3)
+                prune_tokens_forward(embeds, mask, visual, keep, "mmr", 0.5, 1.0, 0, counting_select)
         full_ms = full_ms or prefill_ms
         total = prefill_ms + select_ms
         print(
             f"| {visual} | {int(ratio * 100)}% | {pruned.shape[1]} | {prefill_ms:.2f} | {select_ms:.3f} | "
-            f"{100 * select_ms / prefill_ms:.1f}% | {full_ms / total:.2f}x | {torch_ms:.3f} |",
+            f"{rounds[0] if rounds else '-'} | {100 * select_ms / prefill_ms:.1f}% | {full_ms / total:.2f}x | "
+            f"{torch_ms:.3f} |",
             flush=True,
         )
+
+
+def bench_selection_alone(candidates: list[int]) -> None:
+    print("\n# selection alone: mmr_select_rounds, bf16 unit features [1, N, 3584], λ=0.5, median ms")
+    print("| tokens | keep | candidates per round | rounds | selection ms |")
+    print("|---|---|---|---|---|")
+    for count in SELECTION_ALONE:
+        torch.manual_seed(count)
+        features = _visual_features(count)
+        unit = torch.nn.functional.normalize(features, dim=-1).to(torch.bfloat16)
+        importance = torch.nn.functional.cosine_similarity(features, torch.randn(1, 1, DIM, device="cuda"), dim=-1)
+        for keep in (kept_count(count, 0.75), kept_count(count, 0.9)):
+            for cands in candidates:
+
+                def run(unit=unit, importance=importance, keep=keep, cands=cands) -> tuple[torch.Tensor, int]:
+                    return mmr_select_rounds(unit, importance, keep, 0.5, {"CANDIDATES": cands})
+
+                rounds = run()[1]
+                ms = _median_ms(run, runs=10)
+                print(f"| {count} | {keep} | {cands} | {rounds} | {ms:.3f} |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--visual", type=int, nargs="+", default=[2048])
+    parser.add_argument("--candidates", type=int, nargs="+", default=[128, 256], help="CANDIDATES, selection alone")
     args = parser.parse_args()
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"# Qwen2-VL-7B-shaped LM, 4 layers, bf16, {TEXT_TOKENS} text tokens; MMR λ=0.5; prefill: median ms")
     print(
-        "| visual | pruned | seq | prefill ms | selection ms (Triton) | selection / prefill "
+        "| visual | pruned | seq | prefill ms | selection ms (Triton) | rounds | selection / prefill "
         "| speedup vs 0% (incl. selection) | selection ms (PyTorch greedy) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     model = _language_model()
-    warm = torch.nn.functional.normalize(torch.randn(1, 64, 3584, device="cuda"), dim=-1).to(torch.bfloat16)
-    mmr_select_triton(warm, torch.randn(1, 64, device="cuda"), 4, 0.5)  # compile the kernel
     for visual in args.visual:
         bench_visual(model, visual)
         torch.cuda.empty_cache()
+    bench_selection_alone(args.candidates)
 
 
 if __name__ == "__main__":

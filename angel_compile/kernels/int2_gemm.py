@@ -3,13 +3,23 @@
 packed uint8 [N, K/4] (lowest bits = first weight), scales [N, K/g], zeros uint8 [N, K/g] or None
 (zero point 2). y [M, N] in x's dtype, fp32 accumulation, any M and N (masked edges), K % g == 0.
 
-- M == 1 (decode), `_gemv_kernel`, CUDA cores: each program streams BLOCK_N packed rows as
-  contiguous [BLOCK_N, BLOCK_K/4] byte tiles (evict-first: read once). A 2-bit code q becomes the
-  float 1 + q/4 with one shift and one AND/OR on its byte (bits placed in the fp32 mantissa under
-  the exponent of 1.0), so there is no integer-to-float conversion and no per-weight subtraction:
-      Σ_k f_k x_k = Σ_k x_k + Σ_k q_k x_k / 4   =>   Σ_k (q_k − z) s x_k = s (4 Σ f x − (4 + z) Σ x)
-  per group, so the scale and zero point are applied once per group. SPLIT_K > 1 splits K over
-  programs (fp32 atomics) when N / BLOCK_N programs alone leave SMs idle.
+- M == 1 (decode), `_gemv_kernel`, CUDA cores. The packed rows are read as little-endian int32
+  words, packed.view(int32) [N, K/16] (no repacking): field f (bits 2f, 2f+1) of word j is
+  q[16j + f]. A tile is [BLOCK_N, NG, g/16] words with each thread's words inside one group, so
+  the weight tile is never reshaped or interleaved (a reshape of the unpacked tile into k order
+  costs a shared-memory layout conversion per tile: the previous kernel ran at 0.5× bf16) and the
+  per-group sum stays inside the thread. x is loaded per field, x[16j + f] in the layout of the
+  word tile: a thread loads each x value once and reuses it for every row it holds (BLOCK_N
+  beyond the rows its warps cover), so the per-x work (load, convert, scale) is spread over rows.
+  Decoding costs one AND and one FFMA per weight: field f, masked in place (or in word >> 16 for
+  f >= 8) at bits p, p+1, is the fp32 bit pattern of the subnormal q · 2^(p − 149), exactly; x is
+  scaled by 2^(85 − p) (a power of two, exact), so each product is q x · 2^-64, rounded once as
+  a plain FFMA. No shift per weight, no integer-to-float conversion, no offset to subtract. Per
+  group, Σ_k (q_k − z) s x_k = s (2^64 Σ products − z Σ x): scale and zero point once per group.
+  This needs FFMA without flush-to-zero (Triton's default; the sm_90 test checks the PTX) and
+  |x| < 2^43 (x · 2^85 stays finite). SPLIT_K > 1 splits the K tiles over programs (fp32
+  atomics) when N / BLOCK_N programs alone leave SMs idle. GEMV_VARIANTS are the tiles that
+  `benchmarks/bench_lowbit.py --variants` times; GEMV_CONFIG is the default.
 - 1 < M < 256, `_gemm_kernel`: a [BLOCK_N, BLOCK_K] tile is unpacked and dequantized in registers
   ((q − z) · s, one group per K tile) to x's dtype and multiplied on tensor cores (`tl.dot`); one
   16-row tile covers M <= 16, so W is read once; split K as in the GEMV.
@@ -22,17 +32,42 @@ import torch
 import triton
 import triton.language as tl
 
-GEMV_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
+
+def _gemv_variant(block_n: int, block_k: int, warps: int, stages: int, split_k: int | None = None) -> tuple[str, dict]:
+    name = f"n{block_n}_k{block_k}_w{warps}_s{stages}" + (f"_split{split_k}" if split_k else "")
+    config = {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages}
+    return name, config if split_k is None else {**config, "SPLIT_K": split_k}
+
+
+# M == 1 tiles that `benchmarks/bench_lowbit.py --variants` compares. A thread holds
+# BLOCK_N / (rows its CTA's threads cover) rows; static sm_90 SASS counts of the loop (g = 64) are
+# ~3.2 instructions per weight at 8 rows a thread, ~4.1 at 4 and ~8.3 at 1 (x work). Without
+# SPLIT_K, `split_k_for` picks it. The first three were the best of a first 13-tile sweep on an
+# H100 (benchmarks/RESULTS.md, issue 6); the one-warp tiles with many split-K programs follow the
+# ternary GEMV, whose best tiles are one-warp programs, and won the second sweep.
+GEMV_VARIANTS: dict[str, dict] = dict(
+    _gemv_variant(*v)
+    for v in [
+        (64, 256, 2, 4, 4),
+        (64, 512, 4, 3),
+        (128, 512, 8, 3),
+        (32, 256, 1, 4, 4),
+        (32, 256, 1, 4, 8),
+        (64, 256, 1, 4, 4),
+        (64, 256, 1, 4, 8),
+        (16, 256, 1, 4, 4),
+        (32, 512, 1, 3, 4),
+        (64, 256, 2, 4, 8),
+        (32, 256, 2, 4, 4),
+        (128, 256, 4, 4, 4),
+    ]
+)
+# The fastest tile over both Llama-8B shapes in the second sweep (1.43x / 1.81x bf16 on an H100).
+GEMV_CONFIG = GEMV_VARIANTS["n32_k512_w1_s3_split4"]
 SMALL_M_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
 LARGE_M_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 DEQUANTIZE_MIN_M = 256
 TARGET_PROGRAMS = 264  # two per SM of an H100: with fewer, split K
-
-
-@triton.jit
-def _unit_float(b, shift):
-    # Bits 2i, 2i+1 of byte b moved to mantissa bits 21, 22 under 1.0's exponent: 1 + q/4.
-    return (((b << shift) & 0x600000) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -42,34 +77,51 @@ def _gemv_kernel(
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    NG: tl.constexpr = BLOCK_K // GROUP  # groups per K tile (BLOCK_K is a multiple of GROUP)
-    pid_n = tl.program_id(0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    # w: the packed rows as little-endian int32 words [N, K/16]; field f (bits 2f, 2f+1) of word j
+    # of a row is q[16j + f]. A tile is [BLOCK_N, NG, WPG] words: a thread's words lie in one group,
+    # so the per-group sum stays in the thread, and each x value is loaded once per thread and
+    # reused by every row the thread holds (BLOCK_N beyond the rows its warps cover).
+    NG: tl.constexpr = BLOCK_K // GROUP  # groups per K tile
+    WPG: tl.constexpr = GROUP // 16  # words per group row
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    offs_g = tl.arange(0, NG)  # [NG]
     n_mask = offs_n < N
-    offs_b = tl.arange(0, BLOCK_K // 4)  # bytes of a K tile
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_g = tl.arange(0, NG)
-    shifts = (21 - 2 * tl.arange(0, 4)).to(tl.uint32)  # [4]: weight i of a byte -> bit 21
-    tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
-    k_begin = tl.program_id(1) * tiles_per_split * BLOCK_K
-    k_end = min(k_begin + tiles_per_split * BLOCK_K, K)
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_b[None, :]  # [BLOCK_N, BLOCK_K/4]
+    w_ptrs = w_ptr + offs_n[:, None, None] * stride_wn + (offs_g[:, None] * WPG + tl.arange(0, WPG)[None, :])[None]
+    x_offs = (offs_g[:, None] * GROUP + tl.arange(0, WPG)[None, :] * 16)[None]  # [1, NG, WPG]: k of field 0
+    sz_offs = offs_n[:, None] * stride_sn + offs_g[None, :]  # [BLOCK_N, NG], scales and zeros alike
+    groups = K // GROUP
+    tiles_per_split = tl.cdiv(tl.cdiv(groups, NG), SPLIT_K)  # split K: program_id(1) owns a run of tiles
+    t_begin = tl.program_id(1) * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, tl.cdiv(groups, NG))
     acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
-    for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=STAGES):
-        b_mask = n_mask[:, None] & (k0 + offs_b * 4 < K)[None, :]
-        b = tl.load(w_ptrs + k0 // 4, mask=b_mask, other=0, eviction_policy="evict_first").to(tl.uint32)
-        f = tl.reshape(_unit_float(b[:, :, None], shifts[None, None, :]), (BLOCK_N, BLOCK_K))  # k order
-        x = tl.load(x_ptr + k0 + offs_k, mask=k0 + offs_k < K, other=0.0).to(tl.float32)  # [BLOCK_K]
-        fx = tl.sum(tl.reshape(f * x[None, :], (BLOCK_N, NG, GROUP)), axis=2)  # [BLOCK_N, NG]
-        x_sum = tl.sum(tl.reshape(x, (NG, GROUP)), axis=1)  # [NG]
-        g_mask = n_mask[:, None] & (k0 // GROUP + offs_g < K // GROUP)[None, :]
-        sz_ptrs = offs_n[:, None] * stride_sn + k0 // GROUP + offs_g[None, :]
-        scale = tl.load(s_ptr + sz_ptrs, mask=g_mask, other=0.0).to(tl.float32)
+    for t in tl.range(t_begin, t_end, num_stages=STAGES):
+        g0 = t * NG
+        g_mask = g0 + offs_g < groups  # [NG]
+        ng_mask = n_mask[:, None] & g_mask[None, :]  # [BLOCK_N, NG]
+        words = tl.load(w_ptrs + g0 * WPG, mask=ng_mask[:, :, None], other=0, eviction_policy="evict_first")
+        words = words.to(tl.uint32, bitcast=True)  # [BLOCK_N, NG, WPG]
+        high = words >> 16  # fields 8..15 moved to bits 0..15
+        dot = tl.zeros((BLOCK_N, NG, WPG), dtype=tl.float32)  # Σ q x · 2^-64 per word
+        x_sum = tl.zeros((1, NG, WPG), dtype=tl.float32)  # Σ x per word
+        for f in tl.static_range(16):
+            # Masked in place, field f at bits p, p+1 (p = 2 (f % 8) in src) is the subnormal float q · 2^(p−149)
+            # (exponent bits 0), exact; x · 2^(85−p) (a power of two, exact) makes the product q x 2^-64.
+            # One AND and one FFMA per weight: no shift, no conversion, no offset to remove.
+            if f < 8:
+                src = words
+            else:
+                src = high
+            w = (src & (3 << 2 * (f % 8))).to(tl.float32, bitcast=True)
+            x = tl.load(x_ptr + g0 * GROUP + x_offs + f, mask=g_mask[None, :, None], other=0.0).to(tl.float32)
+            dot += w * (x * (2.0 ** (85 - 2 * (f % 8))))
+            x_sum += x
+        # Σ_k (q_k − z) s x_k = s (Σ q x − z Σ x) per group.
+        scale = tl.load(s_ptr + sz_offs + g0, mask=ng_mask, other=0.0).to(tl.float32)
         if HAS_ZEROS:
-            zero = tl.load(z_ptr + sz_ptrs, mask=g_mask, other=0).to(tl.float32)
+            zero = tl.load(z_ptr + sz_offs + g0, mask=ng_mask, other=0).to(tl.float32)
         else:
             zero = 2.0
-        acc += (4.0 * fx - (4.0 + zero) * x_sum[None, :]) * scale
+        acc += (tl.sum(dot, axis=2) * (2.0**64) - zero * tl.sum(x_sum, axis=2)) * scale
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
     if SPLIT_K == 1:
         if HAS_BIAS:
@@ -205,10 +257,13 @@ def int2_weight_only_linear_triton(
         meta["BLOCK_K"] = max(meta["BLOCK_K"], group_size)
         split = meta.pop("SPLIT_K", None) or split_k_for(n, k, meta["BLOCK_N"], meta["BLOCK_K"])
         stages = meta.pop("num_stages")
+        if packed.data_ptr() % 4:  # a view at an odd byte offset: words need 4-byte alignment
+            packed = packed.clone()
+        words = packed.view(torch.int32)  # [N, K/16]: K % 16 == 0, so every row is whole words
         out = torch.zeros((1, n), dtype=torch.float32, device=x.device) if split > 1 else x.new_empty((1, n))
         _gemv_kernel[(triton.cdiv(n, meta["BLOCK_N"]), split)](
-            x2, packed, scales, any_ptr if zeros is None else zeros, any_ptr if bias is None else bias, out,
-            n, k, packed.stride(0), scales.stride(0),
+            x2, words, scales, any_ptr if zeros is None else zeros, any_ptr if bias is None else bias, out,
+            n, k, words.stride(0), scales.stride(0),
             HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, GROUP=group_size, SPLIT_K=split, STAGES=stages,
             **meta,
         )  # fmt: skip

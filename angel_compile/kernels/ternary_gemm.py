@@ -2,20 +2,30 @@
 
 packed uint8 [N, 5·K/32] (8 five-bit block codes per 5 bytes), scales [N, K/g] (g = K: per
 channel). y [M, N] in x's dtype, fp32 accumulation; these kernels need K % 32 == 0 (the launcher
-falls back to the reference for a padded per-channel K) and BLOCK_K dividing g or g dividing BLOCK_K.
+falls back to the reference for a padded per-channel K).
 
-Decoding a chunk: its 5 bytes form the 40-bit integer V; code i = (V >> 5i) & 31. Each code goes
-through `TERNARY_CODE_TO_2BIT`, a 32-entry table (128 bytes, resident in L1), to one byte with the
-block's four weights as 2-bit fields u = t + 1 ∈ {0, 1, 2}: one lookup per 4 weights replaces the
-zero-position / sign-bit arithmetic.
-
-- M == 1 (decode), `_gemv_kernel`: each u becomes the float 1 + u/4 with a shift and an AND/OR
-  (no conversion instruction), multiplied with x; per scale group
-      Σ_k t_k x_k = Σ_k (u_k − 1) x_k = 4 Σ_k f_k x_k − 5 Σ_k x_k
-  so the weights cost no multiplications of their own and the scale is applied once per group
-  (once per K tile when the tile lies inside one group). SPLIT_K as in `kernels/int2_gemm.py`.
-- M > 1, `_gemm_kernel`: the tile is unpacked to t · s in x's dtype and multiplied on tensor
-  cores (`tl.dot`); M >= 256 dequantizes W once (`_dequantize_kernel`) for cuBLAS.
+- M == 1 (decode), `_gemv_kernel`, for K % 128 == 0: a lookup of x-sums (LUT-GEMV, as in T-MAC).
+  A block of 4 weights has 32 possible values of Σ_p t_p x_p, one per code, so per K tile each
+  program builds the table T[block, c] = Σ_p t_p(c) x_p (4 FMAs per entry, `_code_values` gives
+  t_p(c)); each block of a row then costs one table read and one add, no per-weight work.
+  Layout (`tl.gather` along the last axis of [S, NGS, PG, R, 32]): lane c holds T[block, c] of
+  every block of the tile, and lane j decodes rows 32r + j (r < R = BLOCK_N / 32), so a lookup is
+  one warp shuffle (`shfl.idx` from lane = code) and all lanes read the same block's table at once.
+  The table costs 4 FMAs a lane per block against R lookups, so R (rows per lane) amortizes it.
+  One warp per program: with more, Triton's gather layout puts the extra warps along the code
+  positions, which makes the code extraction depend on the warp.
+  The packed row is read as 32-bit words, 5 per 128 weights (a "super-chunk" of 4 chunks, aligned
+  when K % 128 == 0): code i of the super-chunk sits at bit 5i of its 160 bits, in word 5i // 32
+  (codes 6, 12, 19, 25 straddle two words). Word and shift are constants per register, so a code
+  costs a shift and a mask, all 32-bit. Scales apply once per scale group (NGS groups of g < 128
+  per super-chunk, else one). Split K for more programs (`gemv_split_k`): fp32 atomics into a
+  per-device workspace; the last program of a row block, found with an arrival counter, adds the
+  bias, writes y and zeroes the workspace, so a split GEMV is still one kernel launch.
+- M > 1 (and M == 1 with K % 128 != 0), `_gemm_kernel`: a chunk's 5 bytes form the 40-bit integer
+  V, code i = (V >> 5i) & 31, and `TERNARY_CODE_TO_2BIT` (a 32-entry table in L1) gives the
+  block's four weights as 2-bit fields t + 1; the tile is unpacked to t · s in x's dtype and
+  multiplied on tensor cores (`tl.dot`), BLOCK_K dividing g or g dividing BLOCK_K. M >= 256
+  dequantizes W once (`_dequantize_kernel`) for cuBLAS.
 """
 
 from __future__ import annotations
@@ -25,19 +35,74 @@ import triton
 import triton.language as tl
 
 from angel_compile.kernels.int2_gemm import _finish, split_k_for
-from angel_compile.ops.ternary import CHUNK_BYTES, CHUNK_WEIGHTS, TERNARY_CODE_TO_2BIT, ternary_3of4_linear_reference
+from angel_compile.ops.ternary import (
+    CHUNK_BYTES,
+    CHUNK_WEIGHTS,
+    TERNARY_CODE_TABLE,
+    TERNARY_CODE_TO_2BIT,
+    ternary_3of4_linear_reference,
+)
 
-GEMV_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
+GEMV_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 1, "num_stages": 3}
+# Candidates for timing on the GPU (benchmarks/bench_lowbit.py --variants). One warp per program:
+# with more, Triton puts the extra warps along the code positions, not along the rows (see docstring).
+# BLOCK_N = 32 · rows per lane: more rows amortize the table, fewer leave more programs; no SPLIT_K
+# means `gemv_split_k`. GEMV_CONFIG ("n64_k256_st3") was the fastest of a 14-tile sweep on an H100
+# for both Llama-8B shapes (benchmarks/RESULTS.md, issue 6); the others here are its neighbours.
+GEMV_VARIANTS: dict[str, dict] = {
+    "n64_k256_st3": GEMV_CONFIG,
+    "n64_k256_st2": {**GEMV_CONFIG, "num_stages": 2},
+    "n64_k256_st4": {**GEMV_CONFIG, "num_stages": 4},
+    "n64_k512_st3": {**GEMV_CONFIG, "BLOCK_K": 512},
+    "n64_k512_st2": {**GEMV_CONFIG, "BLOCK_K": 512, "num_stages": 2},
+    "n32_k256_st3": {**GEMV_CONFIG, "BLOCK_N": 32},
+    "n32_k512_st3": {**GEMV_CONFIG, "BLOCK_N": 32, "BLOCK_K": 512},
+    "n64_k128_st4": {**GEMV_CONFIG, "BLOCK_K": 128, "num_stages": 4},
+    "n128_k128_st3": {**GEMV_CONFIG, "BLOCK_N": 128, "BLOCK_K": 128},
+    "n64_k256_st3_split8": {**GEMV_CONFIG, "SPLIT_K": 8},
+}
 SMALL_M_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
 LARGE_M_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 DEQUANTIZE_MIN_M = 256
+GEMV_TARGET_PROGRAMS = 1056  # eight one-warp programs per SM of an H100
+SUPER_CHUNK_WEIGHTS = 128  # the GEMV reads 4 chunks (5 aligned 32-bit words) at a time
 _LUTS: dict[torch.device, torch.Tensor] = {}
+_CODE_VALUES: dict[torch.device, torch.Tensor] = {}
+_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _lut(device: torch.device) -> torch.Tensor:
     if device not in _LUTS:
         _LUTS[device] = TERNARY_CODE_TO_2BIT.to(device)
     return _LUTS[device]
+
+
+def _split_k_workspace(device: torch.device, n: int, row_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # fp32 partial sums [>= N] and int32 arrival counters [>= row blocks], zero between GEMV calls (the
+    # last program of each row block resets its part). One per device: GEMVs on one stream, in order.
+    partial, arrived = _WORKSPACES.get(device, (None, None))
+    if partial is None or partial.numel() < n or arrived.numel() < row_blocks:
+        size = max(n, 0 if partial is None else partial.numel())
+        blocks = max(row_blocks, 0 if arrived is None else arrived.numel())
+        partial = torch.zeros(size, dtype=torch.float32, device=device)
+        arrived = torch.zeros(blocks, dtype=torch.int32, device=device)
+        _WORKSPACES[device] = (partial, arrived)
+    return partial, arrived
+
+
+def gemv_split_k(n: int, k: int, block_n: int, block_k: int) -> int:
+    """K splits of the GEMV: up to GEMV_TARGET_PROGRAMS one-warp programs, at least 2 K tiles each."""
+    split = 1
+    while triton.cdiv(n, block_n) * split * 2 <= GEMV_TARGET_PROGRAMS and k // block_k >= split * 2 * 2:
+        split *= 2
+    return split
+
+
+def _code_values(device: torch.device) -> torch.Tensor:
+    # float32 [32, 4]: the weights t ∈ {−1, 0, 1} of each block code (the GEMV's table builder reads it).
+    if device not in _CODE_VALUES:
+        _CODE_VALUES[device] = TERNARY_CODE_TABLE.float().to(device)
+    return _CODE_VALUES[device]
 
 
 @triton.jit
@@ -55,46 +120,75 @@ def _block_codes(w_ptr, offs_n, n_mask, stride_wn, chunk0, CHUNKS: tl.constexpr,
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, s_ptr, lut_ptr, bias_ptr, out_ptr,
+    x_ptr, w_ptr, s_ptr, t_ptr, bias_ptr, out_ptr, partial_ptr, arrived_ptr,
     N, K, stride_wn, stride_sn,
     HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    CHUNKS: tl.constexpr = BLOCK_K // 32
-    NG: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1  # scale groups per K tile
-    GW: tl.constexpr = BLOCK_K // NG  # weights per scale group inside the tile
-    pid_n = tl.program_id(0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Shapes [S, NGS, PG, R, 32]: super-chunk, scale group inside it, code position in the group,
+    # row register, lane (= table entry on the gather axis, = row inside 32 rows of the program).
+    S: tl.constexpr = BLOCK_K // 128  # super-chunks of 128 weights (5 words, 32 codes) per K tile
+    NGS: tl.constexpr = 128 // GROUP if GROUP < 128 else 1  # scale groups per super-chunk
+    PG: tl.constexpr = 32 // NGS  # codes per scale group inside a super-chunk
+    R: tl.constexpr = BLOCK_N // 32  # rows per lane (over all warps)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, R)[:, None] * 32 + tl.arange(0, 32)[None, :]  # [R, 32]
     n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_g = tl.arange(0, NG)
-    shifts = (21 - 2 * tl.arange(0, 4)).to(tl.uint32)  # field p of the byte -> mantissa bit 21
+    offs_s = tl.arange(0, S)[:, None, None, None, None]
+    offs_g = tl.arange(0, NGS)[None, :, None, None, None]
+    pos = offs_g * PG + tl.arange(0, PG)[None, None, :, None, None]  # code i of the super-chunk, bits 5i
+    word = (5 * pos) >> 5  # constants per register: LLVM folds the selects below
+    shift = ((5 * pos) & 31).to(tl.uint32)
+    entry = tl.arange(0, 32)[None, None, None, None, :]
+    t0 = tl.load(t_ptr + entry * 4)  # [1, 1, 1, 1, 32] weight p of block code `entry`, in {-1, 0, 1}
+    t1 = tl.load(t_ptr + entry * 4 + 1)
+    t2 = tl.load(t_ptr + entry * 4 + 2)
+    t3 = tl.load(t_ptr + entry * 4 + 3)
     tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
     k_begin = tl.program_id(1) * tiles_per_split * BLOCK_K
     k_end = min(k_begin + tiles_per_split * BLOCK_K, K)
-    acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    w_ptrs = w_ptr + offs_n[None, :, :] * stride_wn + tl.arange(0, S)[:, None, None] * 5  # [S, R, 32] words
+    acc = tl.zeros((R, 32), dtype=tl.float32)
     for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=STAGES):
-        codes = _block_codes(w_ptr, offs_n, n_mask, stride_wn, k0 // 32, CHUNKS, K)  # [BLOCK_N, CHUNKS, 8]
-        u = tl.load(lut_ptr + codes).to(tl.uint32)  # 32-entry lookup
-        f = (((u[:, :, :, None] << shifts[None, None, None, :]) & 0x600000) | 0x3F800000).to(tl.float32, bitcast=True)
-        f = tl.reshape(f, (BLOCK_N, BLOCK_K))  # 1 + u/4, k order
-        x = tl.load(x_ptr + k0 + offs_k, mask=k0 + offs_k < K, other=0.0).to(tl.float32)
-        fx = tl.sum(tl.reshape(f * x[None, :], (BLOCK_N, NG, GW)), axis=2)  # [BLOCK_N, NG]
-        x_sum = tl.sum(tl.reshape(x, (NG, GW)), axis=1)  # [NG]
-        g = (k0 + offs_g * GW) // GROUP
-        scale = tl.load(
-            s_ptr + offs_n[:, None] * stride_sn + g[None, :],
-            mask=n_mask[:, None] & (g < K // GROUP)[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        acc += (4.0 * fx - 5.0 * x_sum[None, :]) * scale
-    y = tl.sum(acc, axis=1)
-    if SPLIT_K == 1:
+        s_valid = k0 + offs_s * 128 < K  # [S, 1, 1, 1, 1]
+        w_mask = n_mask[None, :, :] & (k0 + tl.arange(0, S)[:, None, None] * 128 < K)
+        p = w_ptrs + k0 // 128 * 5
+        w0 = tl.load(p, mask=w_mask, other=0, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
+        w1 = tl.load(p + 1, mask=w_mask, other=0, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
+        w2 = tl.load(p + 2, mask=w_mask, other=0, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
+        w3 = tl.load(p + 3, mask=w_mask, other=0, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
+        w4 = tl.load(p + 4, mask=w_mask, other=0, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
+        w0, w1, w2 = w0[:, None, None, :, :], w1[:, None, None, :, :], w2[:, None, None, :, :]
+        w3, w4 = w3[:, None, None, :, :], w4[:, None, None, :, :]
+        lo = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, tl.where(word == 3, w3, w4))))
+        hi = tl.where(word == 0, w1, tl.where(word == 1, w2, tl.where(word == 2, w3, w4)))
+        straddle = tl.where(shift > 27, hi << ((32 - shift) & 31), 0)  # codes 6, 12, 19, 25 span two words
+        codes = (((lo >> shift) | straddle) & 31).to(tl.int32)  # [S, NGS, PG, R, 32]
+        # Table of the 32 signed sums of each block's four x values: T[block, c] = Σ_p t_p(c) x_p.
+        x_ptrs = x_ptr + k0 + offs_s * 128 + pos * 4  # [S, NGS, PG, 1, 1]
+        table = tl.load(x_ptrs, mask=s_valid, other=0.0).to(tl.float32) * t0
+        table += tl.load(x_ptrs + 1, mask=s_valid, other=0.0).to(tl.float32) * t1
+        table += tl.load(x_ptrs + 2, mask=s_valid, other=0.0).to(tl.float32) * t2
+        table += tl.load(x_ptrs + 3, mask=s_valid, other=0.0).to(tl.float32) * t3  # [S, NGS, PG, 1, 32]
+        table = tl.broadcast_to(table, (S, NGS, PG, R, 32))
+        sums = tl.sum(tl.gather(table, codes, axis=4), axis=2, keep_dims=True)  # [S, NGS, 1, R, 32]
+        g = (k0 + offs_s * 128 + offs_g * (128 // NGS)) // GROUP  # [S, NGS, 1, 1, 1] scale group
+        scale = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask & s_valid, other=0.0).to(tl.float32)
+        acc += tl.sum(tl.sum(tl.sum(sums * scale, axis=2), axis=1), axis=0)
+    last = True
+    if SPLIT_K > 1:
+        # The program that adds the last partial sums of this row block takes the total and leaves the
+        # workspace and its counter at zero for the next call: no memset or epilogue kernel.
+        tl.atomic_add(partial_ptr + offs_n, acc, mask=n_mask, sem="relaxed")
+        tl.debug_barrier()
+        last = tl.atomic_add(arrived_ptr + tl.program_id(0), 1, sem="acq_rel") == SPLIT_K - 1
+        if last:
+            acc = tl.load(partial_ptr + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")  # from L2
+            tl.store(partial_ptr + offs_n, tl.zeros_like(acc), mask=n_mask)
+            tl.store(arrived_ptr + tl.program_id(0), 0)
+    if last:
         if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        tl.atomic_add(out_ptr + offs_n, y, mask=n_mask, sem="relaxed")
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit
@@ -188,7 +282,8 @@ def ternary_3of4_linear_triton(
     """x [..., K] float -> [..., N] in x's dtype; weights as in ops/ternary.py.
 
     `config` (BLOCK_* sizes, SPLIT_K, num_warps, num_stages) replaces the default tile of the
-    path M selects; BLOCK_K must lie inside a scale group or hold whole groups.
+    path M selects (GEMV_VARIANTS for M == 1: BLOCK_K a power-of-two multiple of 128, BLOCK_N of
+    32; the tl.dot GEMM: BLOCK_K inside a scale group or holding whole groups).
     """
     *lead, k = x.shape
     n = packed.shape[0]
@@ -200,30 +295,31 @@ def ternary_3of4_linear_triton(
     m = x2.shape[0]
     if m == 0:
         return x.new_empty((*lead, n))
-    lut = _lut(x.device)
     any_ptr = scales
     if m >= DEQUANTIZE_MIN_M and config is None:
         w = dequantize_ternary_3of4_triton(packed, scales, group_size, k, x.dtype)
         return torch.nn.functional.linear(x2, w, bias).reshape(*lead, n)
-    if m == 1:
+    if m == 1 and k % SUPER_CHUNK_WEIGHTS == 0:
         meta = {**GEMV_CONFIG, **(config or {})}
-        if config is None or "BLOCK_K" not in config:
-            meta["BLOCK_K"] = tile_k(group_size, k, meta["BLOCK_K"])
-        split = meta.pop("SPLIT_K", None) or split_k_for(n, k, meta["BLOCK_N"], meta["BLOCK_K"])
+        split = meta.pop("SPLIT_K", None) or gemv_split_k(n, k, meta["BLOCK_N"], meta["BLOCK_K"])
         stages = meta.pop("num_stages")
-        out = torch.zeros((1, n), dtype=torch.float32, device=x.device) if split > 1 else x.new_empty((1, n))
+        partial, arrived = _split_k_workspace(x.device, n, triton.cdiv(n, meta["BLOCK_N"]))
+        out = x.new_empty((1, n))
         _gemv_kernel[(triton.cdiv(n, meta["BLOCK_N"]), split)](
-            x2, packed, scales, lut, any_ptr if bias is None else bias, out, n, k, packed.stride(0), scales.stride(0),
+            x2, packed.view(torch.int32), scales, _code_values(x.device), any_ptr if bias is None else bias, out,
+            partial, arrived, n, k, packed.shape[1] // 4, scales.stride(0),
             HAS_BIAS=bias is not None, GROUP=group_size, SPLIT_K=split, STAGES=stages, **meta,
         )  # fmt: skip
-        return _finish(out, bias, split, x.dtype).reshape(*lead, n)
+        return out.reshape(*lead, n)
+    if config is not None and "BLOCK_M" not in config:
+        config = None  # a GEMV config, here for M == 1 with K % 128 != 0
     meta = {**(SMALL_M_CONFIG if m <= 16 else LARGE_M_CONFIG), **(config or {})}
     meta["BLOCK_K"] = min(tile_k(group_size, k, meta["BLOCK_K"]), group_size)  # inside one group
     split = meta.pop("SPLIT_K", None) or (split_k_for(n, k, meta["BLOCK_N"], meta["BLOCK_K"]) if m <= 16 else 1)
     out = torch.zeros((m, n), dtype=torch.float32, device=x.device) if split > 1 else x.new_empty((m, n))
     grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), split)
     _gemm_kernel[grid](
-        x2, packed, scales, lut, any_ptr if bias is None else bias, out,
+        x2, packed, scales, _lut(x.device), any_ptr if bias is None else bias, out,
         m, n, k, x2.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, GROUP=group_size,
         DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", SPLIT_K=split, **meta,

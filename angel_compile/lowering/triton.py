@@ -117,8 +117,8 @@ def _prune_tokens_cuda(
     from angel_compile.kernels.mmr_select import mmr_select_triton
     from angel_compile.ops.prune_tokens import prune_tokens_forward
 
-    # Gathers, importance and merging are PyTorch ops on the GPU; the sequential greedy MMR
-    # loop (one launch per batch instead of `keep` small steps) is the Triton kernel.
+    # Gathers, importance and merging are PyTorch ops on the GPU; the greedy MMR runs in
+    # candidate rounds (a GEMM, the Triton candidate-greedy and update kernels per round).
     return prune_tokens_forward(
         embeds, token_mask, num_tokens, keep, method, lambda_, merge_threshold, seed, mmr_select_triton
     )

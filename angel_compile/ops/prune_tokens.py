@@ -15,7 +15,9 @@ each row); the others are text and always kept. Of the N modality tokens, `keep`
    sample's text tokens (of its modality tokens when it has no text).
 3. Selection of `keep` of the (groups of) tokens by `method`:
    - `mmr`: greedy Maximal Marginal Relevance. The first pick is argmax imp; then each step
-     picks argmax_i λ·imp(i) − (1 − λ)·max_{j picked} cos(x_i, x_j). Ties go to the lower index.
+     picks argmax_i λ·imp(i) − (1 − λ)·max(0, max_{j picked} cos(x_i, x_j)). Ties go to the
+     lower index. cos is the fp32 dot product of the unit features rounded to the embeddings'
+     dtype (so bf16 embeddings run the similarity GEMMs on bf16 tensor cores, products exact).
    - `diversity`: mmr with λ = 0; `topk`: the `keep` most important (FastV-like proxy);
    - `stride`: tokens ⌊i·N/keep⌋, i < keep (uniform); `random`: a seeded random subset.
 4. The kept tokens keep their original order: `positions` lists, ascending, the sequence
@@ -24,8 +26,8 @@ each row); the others are text and always kept. Of the N modality tokens, `keep`
    written at their groups' positions. Callers gather position ids and masks with `positions`.
 
 With keep = N nothing is merged or dropped: pruned == embeds and positions == arange(S).
-The reference below is the CPU implementation; on CUDA the greedy MMR loop runs in the Triton
-kernel of `kernels/mmr_select.py` (registered in `lowering/triton.py`).
+The reference below is the CPU implementation; on CUDA the greedy MMR runs as the exact lazy
+(candidate-round) greedy of `kernels/mmr_select.py` (registered in `lowering/triton.py`).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def select(
     """Indices [B, keep] (ascending) of the tokens `method` keeps out of features [B, M, D]."""
     batch, count, _ = features.shape
     if method in ("mmr", "diversity"):
-        unit = F.normalize(features.float(), dim=-1)
+        unit = F.normalize(features.float(), dim=-1).to(features.dtype)
         chosen = mmr_select(unit, importance.float(), keep, lambda_ if method == "mmr" else 0.0)
     elif method == "topk":
         chosen = importance.float().topk(keep, dim=1).indices

@@ -67,23 +67,24 @@ def gptq_groupwise(
     if hessian.shape != (k, k):
         raise ValueError(f"the Hessian must be [{k}, {k}] for a weight [{n}, {k}], got {tuple(hessian.shape)}")
     scale_dtype = scale_dtype or w.dtype
+    device = w.device  # everything on the weight's device (the Hessian may come from a CPU state)
     weight = w.detach().double().clone()  # [N, K]; float64: the updates sum K rank-1 terms
-    h = hessian.detach().double().clone()
+    h = hessian.detach().to(device=device, dtype=torch.float64, copy=True)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     weight[:, dead] = 0.0
 
-    order = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(k)
+    order = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(k, device=device)
     weight, h = weight[:, order], h[order][:, order]  # columns in processing order
     group_of = order // group_size  # [K] original group of each processed column
     position = torch.argsort(order)  # [K] processed position of each original column
     u = _inverse_hessian_cholesky(h, damp)  # [K, K] upper
 
     groups = k // group_size
-    scale = torch.zeros(n, groups, dtype=torch.float64)
-    zero = torch.zeros(n, groups, dtype=torch.float64)
-    started = torch.zeros(groups, dtype=torch.bool)
-    codes = torch.zeros(n, k, dtype=torch.float64)
+    scale = torch.zeros(n, groups, dtype=torch.float64, device=device)
+    zero = torch.zeros(n, groups, dtype=torch.float64, device=device)
+    started = [False] * groups
+    codes = torch.zeros(n, k, dtype=torch.float64, device=device)
 
     for b0 in range(0, k, block_size):
         b1 = min(b0 + block_size, k)

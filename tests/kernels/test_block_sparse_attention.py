@@ -10,7 +10,7 @@ import pytest
 import torch
 import triton
 
-from angel_compile.kernels.block_sparse_attention import block_sparse_attention_triton
+from angel_compile.kernels.block_sparse_attention import VARIANTS, block_sparse_attention_triton
 from angel_compile.ops.sparse_attention import (
     block_masked_attention,
     block_sparse_attention_reference,
@@ -71,6 +71,35 @@ def test_block_of_128_with_64_key_tiles():
     assert relative_error(out, expected) < 2e-3
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variants_match_the_reference(variant):
+    # The interpreter runs every variant, tensor descriptors (USE_TMA) included. 320 tokens:
+    # a partial last block, whose descriptor rows past S belong to the next K/V head.
+    q, k, v = _qkv(320, torch.float16, heads=4, kv_heads=2)
+    mask = causal_block_mask(3).expand(1, 4, 3, 3).clone()
+    mask[:, 1, 2, 1] = False  # a gap before the diagonal block
+    index, count = block_mask_to_index(mask)
+    out = block_sparse_attention_triton(q, k, v, index, count, SCALE, 128, config=VARIANTS[variant])
+    expected = block_sparse_attention_reference(q.float(), k.float(), v.float(), index, SCALE, 128)
+    assert relative_error(out, expected) < 2e-3
+
+
+def test_tma_variant_on_non_contiguous_kv_uses_pointer_loads():
+    q, k, v = _qkv(256, torch.float16, heads=2, kv_heads=2)
+    k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))  # [B, S, H, D] in memory
+    index, count = block_mask_to_index(causal_block_mask(2).expand(1, 2, 2, 2))
+    out = block_sparse_attention_triton(q, k, v, index, count, SCALE, 128, config=VARIANTS["tma-fused-n128-w8-s2"])
+    expected = dense_causal_attention(q.float(), k.float(), v.float(), SCALE)
+    assert relative_error(out, expected) < 2e-3
+
+
+def test_scale_must_be_positive():
+    q, k, v = _qkv(128, torch.float32, heads=2, kv_heads=2)
+    index, count = block_mask_to_index(causal_block_mask(2).expand(1, 2, 2, 2))
+    with pytest.raises(ValueError, match="scale"):
+        block_sparse_attention_triton(q, k, v, index, count, -SCALE, 64, config={"BLOCK_N": 64})
+
+
 def test_output_is_stored_like_sdpa_output():
     q, k, v = _qkv(128, torch.float32, heads=2, kv_heads=2)
     index, count = block_mask_to_index(causal_block_mask(2).expand(1, 2, 2, 2))
@@ -98,8 +127,23 @@ def test_gpu_autotuned_matches_reference(dim, dtype):
     assert relative_error(out, expected) < 1e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_gpu_variants_match_reference(variant):
+    torch.manual_seed(0)
+    q = torch.randn(1, 8, 4000, 128, dtype=torch.bfloat16, device="cuda")  # a partial last block
+    k, v = (torch.randn(1, 2, 4000, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    index, count = block_mask_to_index(select_blocks(q, k, v, SparseAttentionConfig("stem", 128, 0, top_k=8), 0.088))
+    out = block_sparse_attention_triton(q, k, v, index, count, 0.088, 128, config=VARIANTS[variant])
+    expected = block_sparse_attention_reference(q.float(), k.float(), v.float(), index, 0.088, 128)
+    assert relative_error(out, expected) < 1e-2
+
+
+SM90_VARIANTS = ("ptr-unfused-n64-w8-s3", "ptr-unfused-n128-w8-s2", "tma-fused-n128-w8-s2")
+
+
 def ptx_for_sm90() -> dict[str, str]:
-    """PTX of the kernel for an H100 (bf16, d=128, 128-token blocks, 64- and 128-key tiles, 8 warps)."""
+    """PTX of the kernel for an H100 (bf16, d=128, 128-token blocks) in the SM90_VARIANTS configs."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -107,26 +151,30 @@ def ptx_for_sm90() -> dict[str, str]:
 
     pointers = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", o_ptr="*bf16", index_ptr="*i32", count_ptr="*i32")
     floats = ("qk_scale",)
-    constexpr = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "EVEN_S", "DOT_PRECISION")
 
-    def compile_ptx(block_n: int, num_stages: int) -> str:
+    def compile_ptx(config: dict) -> str:
+        config = dict(config)
+        options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
+        descriptor = f"tensordesc<bf16[{config['BLOCK_N']}, 128]>" if config["USE_TMA"] else "constexpr"
+        constexprs = dict(HEAD_DIM=128, BLOCK_M=128, EVEN_S=True, DOT_PRECISION="tf32", **config)
+        if not config["USE_TMA"]:
+            constexprs.update(k_desc=None, v_desc=None)
         signature = {
-            a: pointers.get(a, "fp32" if a in floats else "constexpr" if a in constexpr else "i32")
+            a: pointers.get(a, "fp32" if a in floats else "constexpr" if a in constexprs else "i32")
             for a in kernel.arg_names
         }
+        signature.update(k_desc=descriptor, v_desc=descriptor)
         # What the launcher specializes for Llama shapes: 16-byte aligned pointers and strides.
         aligned = [i for i, a in enumerate(kernel.arg_names) if signature[a] in ("*bf16", "i32") and "stride" in a]
         aligned += [i for i, a in enumerate(kernel.arg_names) if a in pointers]
         attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-        constexprs = dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=block_n, EVEN_S=True, DOT_PRECISION="tf32")
         src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-        options = {"num_warps": 8, "num_stages": num_stages}
         return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
-    return {"n64": compile_ptx(64, 3), "n128": compile_ptx(128, 2)}
+    return {name: compile_ptx(VARIANTS[name]) for name in SM90_VARIANTS}
 
 
-def test_sm90_code_uses_wgmma_and_exp2():
+def test_sm90_code_uses_wgmma_exp2_and_tma():
     # The interpreter replaced triton.language's own jit functions at import, so compile in a
     # fresh process where TRITON_INTERPRET is unset; no GPU is needed to compile.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -135,6 +183,8 @@ def test_sm90_code_uses_wgmma_and_exp2():
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     ptx = json.loads(done.stdout.splitlines()[-1])
-    for code in ptx.values():
+    for name, code in ptx.items():
         assert "wgmma.mma_async" in code  # Hopper tensor cores for q·kᵀ and p·v
         assert "ex2.approx" in code  # the base-2 softmax
+        tma = "cp.async.bulk.tensor" in code  # K/V tiles through the tensor memory accelerator
+        assert tma == VARIANTS[name]["USE_TMA"], name

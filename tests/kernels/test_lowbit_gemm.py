@@ -44,13 +44,43 @@ def test_int2_kernels_match_reference(dtype, m, symmetric, config):
     assert relative_error(out, expected) < BOUND[dtype]
 
 
+@pytest.mark.parametrize("variant", sorted(int2_gemm.GEMV_VARIANTS))
+@pytest.mark.parametrize(
+    "group, symmetric, bias, dtype, split_k",
+    [(32, True, True, torch.float16, None), (64, False, False, torch.float32, 2), (128, False, True, torch.float32, 3)],
+)
+def test_int2_gemv_variants_match_reference(variant, group, symmetric, bias, dtype, split_k):
+    # N = 40 is no multiple of BLOCK_N; K = 640 leaves the last K tile of every BLOCK_K partly
+    # masked, and split K 3 leaves some splits without a tile.
+    torch.manual_seed(0)
+    q = quantize_int2_rtn(torch.randn(40, 640), group, symmetric)
+    x, b = torch.randn(1, 640, dtype=dtype), torch.randn(40, dtype=dtype) if bias else None
+    config = int2_gemm.GEMV_VARIANTS[variant]
+    config = config if split_k is None else {**config, "SPLIT_K": split_k}
+    out = int2_weight_only_linear_triton(x, q.packed, q.scales, q.zeros, group, b, config=config)
+    expected = int2_weight_only_linear_reference(
+        x.double(), q.packed, q.scales.double(), q.zeros, group, None if b is None else b.double()
+    )
+    assert out.dtype == dtype and out.shape == (1, 40)
+    assert relative_error(out, expected) < BOUND[dtype]
+
+
+def test_int2_gemv_is_exact_for_large_and_tiny_x():
+    # Products are formed as subnormal weight × x · 2^(85 − p): fine from 1e-12 to 1e9 (|x| < 2^43).
+    torch.manual_seed(0)
+    q = quantize_int2_rtn(torch.randn(40, 256), 64)
+    for magnitude in (1e-12, 1e9):
+        x = torch.randn(1, 256) * magnitude
+        out = int2_weight_only_linear_triton(x, q.packed, q.scales, q.zeros, 64, config=GEMV)
+        expected = int2_weight_only_linear_reference(x.double(), q.packed, q.scales.double(), q.zeros, 64, None)
+        assert relative_error(out, expected) < BOUND[torch.float32]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
     "k, group, m, config",
     [
-        (320, 64, 1, GEMV),  # tile of 128 holds two scale groups
-        (576, None, 1, None),  # per channel: default tile shrinks to 64 (576 = 64 · 9)
-        (256, 128, 1, {**GEMV, "BLOCK_K": 64, "SPLIT_K": 2}),  # tile inside one group, split K
+        (576, None, 1, None),  # per channel, K % 128 != 0: the M == 1 case runs the tl.dot kernel
         (576, None, 3, {**GEMM, "SPLIT_K": 2}),
         (256, 32, 20, GEMM),
     ],
@@ -63,6 +93,34 @@ def test_ternary_kernels_match_reference(dtype, k, group, m, config):
     expected = ternary_3of4_linear_reference(x.double(), q.packed, q.scales.double(), q.group_size, b.double())
     assert out.dtype == dtype and out.shape == (m, 40)
     assert relative_error(out, expected) < BOUND[dtype]
+
+
+@pytest.mark.parametrize("variant", sorted(ternary_gemm.GEMV_VARIANTS))
+@pytest.mark.parametrize(
+    "k, group, has_bias, dtype, split",
+    [
+        (512, 128, True, torch.float32, None),  # N = 200: a partial row block
+        (384, None, False, torch.float16, None),  # per channel; the last 256-wide tile is half masked
+        (256, 64, True, torch.float32, 3),  # two scale groups per super-chunk; split K, an idle split
+        (512, 256, False, torch.float16, 2),
+    ],
+)
+def test_ternary_gemv_variants_match_reference(variant, k, group, has_bias, dtype, split):
+    torch.manual_seed(0)
+    n = 200
+    q = quantize_ternary_3of4(torch.randn(n, k), group)
+    x = torch.randn(1, k, dtype=dtype)
+    b = torch.randn(n, dtype=dtype) if has_bias else None
+    config = {**ternary_gemm.GEMV_VARIANTS[variant]}
+    if split is not None:
+        config["SPLIT_K"] = split
+    expected = ternary_3of4_linear_reference(
+        x.double(), q.packed, q.scales.double(), q.group_size, None if b is None else b.double()
+    )
+    for _ in range(2):  # the split-K workspace must be left at zero for the next call
+        out = ternary_3of4_linear_triton(x, q.packed, q.scales, q.group_size, b, config=config)
+        assert out.dtype == dtype and out.shape == (1, n)
+        assert relative_error(out, expected) < BOUND[dtype]
 
 
 def test_dequantize_kernels_and_split_k_choice():
@@ -95,9 +153,15 @@ def ptx_for_sm90() -> dict[str, str]:
     gemm = {"HAS_BIAS": True, "GROUP": 128, "DOT_PRECISION": "tf32", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}
     gemm["SPLIT_K"] = 1
     return {
-        "int2_gemv": compile_ptx(int2_gemm._gemv_kernel, ptrs, {**gemv, "HAS_ZEROS": True}, 4, 3),
+        "int2_gemv": compile_ptx(int2_gemm._gemv_kernel, {**ptrs, "w_ptr": "*i32"}, {**gemv, "HAS_ZEROS": True}, 4, 3),
         "int2_gemm": compile_ptx(int2_gemm._gemm_kernel, ptrs, {**gemm, "HAS_ZEROS": True}, 4, 4),
-        "ternary_gemv": compile_ptx(ternary_gemm._gemv_kernel, ptrs, gemv, 4, 3),
+        "ternary_gemv": compile_ptx(
+            ternary_gemm._gemv_kernel,
+            {**ptrs, "w_ptr": "*i32", "t_ptr": "*fp32", "partial_ptr": "*fp32", "arrived_ptr": "*i32"},
+            {**gemv, "BLOCK_N": 256, "BLOCK_K": 128, "SPLIT_K": 8},
+            1,
+            3,
+        ),
         "ternary_gemm": compile_ptx(ternary_gemm._gemm_kernel, ptrs, gemm, 4, 4),
     }
 
@@ -112,9 +176,15 @@ def test_sm90_code_compiles_with_tensor_cores_for_the_gemm():
     ptx = json.loads(done.stdout.splitlines()[-1])
     for name in ("int2_gemm", "ternary_gemm"):
         assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx[name], name
-    for name in ("int2_gemv", "ternary_gemv"):
-        # 16 × 512 weights over 128 threads: 64 FMAs a thread per tile, no per-weight int->float conversion.
-        assert ptx[name].count("fma.rn.f32") >= 64 and ptx[name].count("cvt.rn.f32.u") <= 1, name
+    for name in ("int2_gemv",):
+        # 16 × 512 weights over 128 threads: 64 FMAs a thread per tile; int->float conversions only
+        # per group (zero points), none per weight.
+        fma = ptx[name].count("fma.rn.f32")
+        assert fma >= 64 and ptx[name].count("cvt.rn.f32.u") * 16 <= fma, name
+    # The INT2 GEMV multiplies subnormal weights: flush-to-zero would zero them.
+    assert ".ftz" not in ptx["int2_gemv"]
+    # Ternary LUT-GEMV: one warp shuffle per block of 4 weights (8 rows × 32 codes a lane per tile).
+    assert ptx["ternary_gemv"].count("shfl.sync.idx") >= 256
 
 
 @pytest.mark.gpu
