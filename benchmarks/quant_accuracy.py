@@ -72,9 +72,7 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, help="set this group size in every group-wise scheme")
     args = parser.parse_args()
 
-    loader = load_smollm2_finetuned if args.model == "smollm2-ft" else load_smollm2
-    # eager attention on CUDA: torch.export of SDPA attention with a dynamic length fails there
-    model, tokenizer = loader(attn_implementation="eager" if args.device.startswith("cuda") else "sdpa")
+    model, tokenizer = (load_smollm2_finetuned if args.model == "smollm2-ft" else load_smollm2)()
     model = model.to(args.device)
     texts = {c: token_ids(tokenizer, c, "held_out", max_tokens=args.tokens).to(args.device) for c in CORPORA}
     batches = [

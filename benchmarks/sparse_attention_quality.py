@@ -146,9 +146,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=["dense", *RECIPES], default=["dense", *RECIPES])
     parser.add_argument("--device", default="cpu", help="device of the end-to-end part (fp32 model)")
     args = parser.parse_args()
-    # eager attention on CUDA: torch.export of SDPA attention with a dynamic length fails there
-    # (the sparse-attention pass matches both forms)
-    model, tokenizer = load_smollm2(attn_implementation="eager" if args.device.startswith("cuda") else "sdpa")
+    model, tokenizer = load_smollm2()
     device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {device}, torch {torch.__version__}, SmolLM2-135M-Instruct fp32")
     print(f"# Q/K/V of layers {args.layers} on the first {max(args.seqs)} tokens of Lee held-out; block {BLOCK}")

