@@ -57,3 +57,16 @@ def test_recipe_options_are_checked():
         load_recipe({"name": "bad", "passes": [{"name": "speculative_decoding", "options": {"tree": [8, 8]}}]})
     with pytest.raises(RecipeError, match="has no 'speculative_decoding' pass"):
         speculative_pass("int8-weight-only")
+
+
+@pytest.mark.gpu
+def test_compiled_int8_step_replays_as_a_cuda_graph_on_the_gpu():
+    from benchmarks.bench_speculative import StepRunner
+
+    torch._dynamo.reset()
+    target = predictable_target(layer_scale=3.0).float().cuda()
+    step = compile_step(target, oracle_draft(target), recipe="speculative-eagle-int8")
+    ids = torch.randint(0, 256, (2, 5), device="cuda")
+    runner = StepRunner(step, step, ids, 14, "cuda")  # the compiled module keeps new_state
+    runner.decode()
+    assert torch.equal(runner.state.output[:, :14], greedy_generate(target, ids, 14)[:, 5:])
