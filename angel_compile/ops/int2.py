@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from angel_compile.ops.int4 import groupwise_params, int4_supported, quantize_to_codes
+from angel_compile.ops.int4 import check_groupwise_format, groupwise_params, int4_supported, quantize_to_codes
 
 BITS = 2
 SYMMETRIC_ZERO = 2
@@ -192,13 +192,5 @@ def _(
     group_size: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8, got {packed.dtype}")
-    torch._check(packed.dim() == 2, lambda: f"packed must be 2-D [N, K/4], got {tuple(packed.shape)}")
-    k = x.shape[-1]
-    torch._check(k == 4 * packed.shape[1], lambda: f"x's last dim {k} must be 4 × packed's {packed.shape[1]}")
-    torch._check(int2_supported(k, group_size) is None, lambda: str(int2_supported(k, group_size)))
-    groups = (packed.shape[0], k // group_size)
-    torch._check(tuple(scales.shape) == groups, lambda: f"scales must be {groups}, got {tuple(scales.shape)}")
-    if zeros is not None:
-        torch._check(tuple(zeros.shape) == groups, lambda: f"zeros must be {groups}, got {tuple(zeros.shape)}")
+    check_groupwise_format(x, packed, scales, zeros, group_size, per_byte=4, supported=int2_supported)
     return x.new_empty((*x.shape[:-1], packed.shape[0]))

@@ -40,6 +40,7 @@ Triton kernels (`kernels/int4_gemm.py`), which `lowering/triton.py` registers fo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -212,14 +213,23 @@ def w4a8_linear_reference(
     return y.to(x.dtype).reshape(*lead, -1)
 
 
-def _check_format(
-    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int
+def check_groupwise_format(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    per_byte: int = 2,
+    supported: Callable[[int, int], str | None] = int4_supported,
 ) -> None:
+    """torch._check the group-wise packed format: uint8 packed [N, K/per_byte], scales and uint8 zeros [N, K/g]."""
     torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8, got {packed.dtype}")
-    torch._check(packed.dim() == 2, lambda: f"packed must be 2-D [N, K/2], got {tuple(packed.shape)}")
+    torch._check(packed.dim() == 2, lambda: f"packed must be 2-D [N, K/{per_byte}], got {tuple(packed.shape)}")
     k = x.shape[-1]
-    torch._check(k == 2 * packed.shape[1], lambda: f"x's last dim {k} must be 2 × packed's {packed.shape[1]}")
-    torch._check(int4_supported(k, group_size) is None, lambda: str(int4_supported(k, group_size)))
+    torch._check(
+        k == per_byte * packed.shape[1], lambda: f"x's last dim {k} must be {per_byte} × packed's {packed.shape[1]}"
+    )
+    torch._check(supported(k, group_size) is None, lambda: str(supported(k, group_size)))
     groups = (packed.shape[0], k // group_size)
     torch._check(tuple(scales.shape) == groups, lambda: f"scales must be {groups}, got {tuple(scales.shape)}")
     if zeros is not None:
@@ -248,7 +258,7 @@ def _(
     group_size: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    _check_format(x, packed, scales, zeros, group_size)
+    check_groupwise_format(x, packed, scales, zeros, group_size)
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
@@ -275,7 +285,7 @@ def _(
     input_scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    _check_format(x, packed, scales, zeros, group_size)
+    check_groupwise_format(x, packed, scales, zeros, group_size)
     if input_scale is not None:
         torch._check(input_scale.numel() == 1, lambda: "input_scale must hold one per-tensor scale")
     return x.new_empty((*x.shape[:-1], packed.shape[0]))

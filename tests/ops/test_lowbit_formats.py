@@ -118,3 +118,15 @@ def test_ternary_op_matches_dequantized_linear(k, group):
     q2 = quantize_int2_rtn(torch.randn(8, 256), 64)
     out = torch.ops.angel.int2_weight_only_linear(x[:, :1].expand(3, 256), q2.packed, q2.scales, q2.zeros, 64, b)
     torch.testing.assert_close(out, torch.nn.functional.linear(x[:, :1].expand(3, 256), q2.dequantize(), b))
+
+
+def test_int2_op_checks_its_format_when_traced():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = quantize_int2_rtn(torch.randn(8, 256), 64)
+        x = torch.randn(2, 256)
+        with pytest.raises(RuntimeError, match="zeros must be uint8"):
+            torch.ops.angel.int2_weight_only_linear(x, q.packed, q.scales, q.zeros.float(), 64, None)
+        with pytest.raises(RuntimeError, match="4 × packed"):
+            torch.ops.angel.int2_weight_only_linear(torch.randn(2, 128), q.packed, q.scales, q.zeros, 64, None)
