@@ -19,7 +19,7 @@ falls back to the reference for a padded per-channel K).
   (codes 6, 12, 19, 25 straddle two words). Word and shift are constants per register, so a code
   costs a shift and a mask, all 32-bit. Scales apply once per scale group (NGS groups of g < 128
   per super-chunk, else one). Split K for more programs (`gemv_split_k`): fp32 atomics into a
-  per-device workspace; the last program of a row block, found with an arrival counter, adds the
+  per-(device, stream) workspace; the last program of a row block, found with an arrival counter, adds the
   bias, writes y and zeroes the workspace, so a split GEMV is still one kernel launch.
 - M > 1 (and M == 1 with K % 128 != 0), `_gemm_kernel`: a chunk's 5 bytes form the 40-bit integer
   V, code i = (V >> 5i) & 31, and `TERNARY_CODE_TO_2BIT` (a 32-entry table in L1) gives the
@@ -68,7 +68,7 @@ GEMV_TARGET_PROGRAMS = 1056  # eight one-warp programs per SM of an H100
 SUPER_CHUNK_WEIGHTS = 128  # the GEMV reads 4 chunks (5 aligned 32-bit words) at a time
 _LUTS: dict[torch.device, torch.Tensor] = {}
 _CODE_VALUES: dict[torch.device, torch.Tensor] = {}
-_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_WORKSPACES: dict[tuple[torch.device, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _lut(device: torch.device) -> torch.Tensor:
@@ -79,14 +79,17 @@ def _lut(device: torch.device) -> torch.Tensor:
 
 def _split_k_workspace(device: torch.device, n: int, row_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     # fp32 partial sums [>= N] and int32 arrival counters [>= row blocks], zero between GEMV calls (the
-    # last program of each row block resets its part). One per device: GEMVs on one stream, in order.
-    partial, arrived = _WORKSPACES.get(device, (None, None))
+    # last program of each row block resets its part). One per (device, stream): GEMVs on one stream
+    # run in order, GEMVs on two streams must not share partial sums.
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (device, stream)
+    partial, arrived = _WORKSPACES.get(key, (None, None))
     if partial is None or partial.numel() < n or arrived.numel() < row_blocks:
         size = max(n, 0 if partial is None else partial.numel())
         blocks = max(row_blocks, 0 if arrived is None else arrived.numel())
         partial = torch.zeros(size, dtype=torch.float32, device=device)
         arrived = torch.zeros(blocks, dtype=torch.int32, device=device)
-        _WORKSPACES[device] = (partial, arrived)
+        _WORKSPACES[key] = (partial, arrived)
     return partial, arrived
 
 
