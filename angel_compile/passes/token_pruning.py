@@ -10,15 +10,20 @@ Emits:   `angel::prune_tokens(merged, mask [B, S], N, keep, method, lambda_, mer
          or `budget`), whose pruned embeddings replace the merge for everything downstream.
          The rest of the graph follows the shorter sequence S' = S − N + keep: every tensor
          that crosses from the merge's inputs to the rest of the graph with a sequence
-         dimension (input ids, position ids — also Qwen2-VL's [3, B, S] mRoPE ids —, the
-         attention mask) is gathered with the op's kept positions, and every use of the
-         sequence length there reads S' (`sym_size` of the pruned embeddings). Kept tokens keep
-         their original position ids; the causal mask and cache sizes follow S'.
+         dimension laid out [..., B, S, ...] (input ids, position ids — also Qwen2-VL's
+         [3, B, S] mRoPE ids, gathered along S for all three axes —, the attention mask) is
+         gathered with the op's kept positions, and every use of the sequence length there
+         reads S' (`sym_size` of the pruned embeddings). Kept tokens keep their original
+         position ids; the causal mask and cache sizes follow S'.
 Needs:   a graph captured with a dynamic sequence dimension (torch.export `Dim`), so that S'
          is the symbolic expression S − N + keep and one graph serves every text length; a
          static capture has its length baked into view/arange arguments and is rejected.
          The modality token count N per sample is static (one image size / audio length per
-         compiled graph) and the batch size too.
+         compiled graph) and the batch size too. Position ids are kept when they exist before
+         the merge (graph inputs, as transformers' VLMs take them); ids a model makes after the
+         merge from the length (arange(S)) become arange(S'). For Qwen2-VL the vision tower and
+         `get_rope_index` cannot be captured and run before the graph, which starts at the image
+         embeddings (tested on transformers' Qwen2-VL, `models/multimodal.py`).
 
 Options: ratio ∈ [0, 1) (or budget ≥ 1 kept tokens, which wins), method (mmr, diversity,
 topk, stride, random; see ops/prune_tokens.py), lambda_ (MMR's importance weight, recipe key

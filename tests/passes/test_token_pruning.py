@@ -1,13 +1,23 @@
-"""The token_pruning pass: on a tiny merge model (fast) and end to end on the LLaVA / Whisper+LM test models."""
+"""The token_pruning pass: on a tiny merge model (fast), end to end on the LLaVA / Whisper+LM test models, and on
+Qwen2-VL's language model with its [3, B, S] mRoPE position ids."""
 
 import pytest
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import angel_compile
 from angel_compile.capture import capture_model
 from angel_compile.errors import PassError, RecipeError, UnsupportedError
 from angel_compile.lowering.ort import ort_session
-from angel_compile.models.multimodal import build_audio_test_case, build_vlm_test_case
+from angel_compile.models.multimodal import (
+    IMAGE_TOKEN,
+    build_audio_test_case,
+    build_qwen2vl_test_case,
+    build_vlm_test_case,
+    qwen2vl_pixel_values,
+    qwen2vl_prompt,
+    synthetic_image,
+)
 from angel_compile.passes.base import PassContext, build_pass
 from angel_compile.passes.token_pruning import PRUNE_TOKENS, TokenPruning
 from tests.passes.token_pruning_models import TOKEN, TinyMergeModel, tiny_dynamic_shapes, tiny_inputs
@@ -108,3 +118,86 @@ def test_a_failing_pass_names_itself(tiny):
     inputs = tiny_inputs()
     with pytest.raises(PassError, match="token_pruning"):
         angel_compile.compile(tiny, (), inputs, recipe=_recipe())  # static capture
+
+
+@pytest.fixture(scope="module")
+def qwen2vl():
+    return build_qwen2vl_test_case()
+
+
+def _qwen2vl_reference(model, inputs, keep, method):
+    """Qwen2-VL's language model run by hand on the pruned token set, with the kept tokens' own mRoPE ids.
+
+    -> (logits, kept positions [B, S'], the logits with positions renumbered 0..S'-1 instead).
+    """
+    ids = inputs["input_ids"]
+    mask = ids == IMAGE_TOKEN
+    embeds = model.language_model.embed_tokens(ids).masked_scatter(mask.unsqueeze(-1), inputs["image_embeds"])
+    pruned, kept = torch.ops.angel.prune_tokens(embeds, mask, 16, keep, method, 0.5, 1.0, 0)
+    position_ids = inputs["position_ids"].gather(2, kept.expand(3, -1, -1))  # [3, B, S']
+    attention_mask = inputs["attention_mask"].gather(1, kept)
+    logits = model.language_forward(pruned, position_ids, attention_mask)
+    renumbered = torch.arange(kept.shape[1]).expand(3, *kept.shape)
+    return logits, kept, model.language_forward(pruned, renumbered, attention_mask)
+
+
+def test_qwen2vl_capture_is_rewritten_with_a_dynamic_sequence(qwen2vl):
+    gm = capture_model(qwen2vl.model, (), qwen2vl.inputs, qwen2vl.dynamic_shapes)
+    result = TokenPruning(ratio=0.5)(gm, PassContext())
+    assert result.modified and result.stats.matched == 1 and result.stats.rewritten == 1
+    assert result.stats.details["merge"] == "masked_scatter"
+    assert result.stats.details["modality_tokens"] == 16 and result.stats.details["kept"] == 8
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(PRUNE_TOKENS) == 1 and targets.count(torch.ops.aten.masked_scatter.default) == 1
+    # the mRoPE ids are gathered along the sequence: [3, B, S] -> [3, B, S - 8]
+    (position_ids,) = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "position_ids"]
+    (gathered,) = [u for u in position_ids.users if u.target == torch.ops.aten.index.Tensor]
+    (prune,) = [n for n in gm.graph.nodes if n.target == PRUNE_TOKENS]
+    shape, pruned_length = gathered.meta["val"].shape, prune.meta["val"][0].shape[1]
+    assert shape[:2] == (3, 1) and statically_known_true(shape[2] == pruned_length)
+    assert str(pruned_length) == result.stats.details["sequence"]  # S - 8, symbolic
+    assert not TokenPruning(ratio=0.5)(gm, PassContext()).modified
+
+
+def test_qwen2vl_ratio_zero_is_bit_exact(qwen2vl):
+    recipe = _recipe(ratio=0.0)
+    compiled = angel_compile.compile(
+        qwen2vl.model, (), qwen2vl.inputs, recipe=recipe, dynamic_shapes=qwen2vl.dynamic_shapes
+    )
+    assert compiled.report["token_pruning"].stats.details["kept"] == 16
+    with torch.no_grad():
+        assert torch.equal(compiled(**qwen2vl.inputs), qwen2vl.model(**qwen2vl.inputs))
+
+
+@pytest.mark.parametrize("ratio, method, keep", [(0.5, "mmr", 8), (0.75, "mmr", 4), (0.75, "stride", 4)])
+def test_qwen2vl_pruned_graph_is_the_language_model_on_the_kept_tokens(qwen2vl, ratio, method, keep):
+    recipe = _recipe(ratio=ratio, method=method)
+    compiled = angel_compile.compile(
+        qwen2vl.model, (), qwen2vl.inputs, recipe=recipe, dynamic_shapes=qwen2vl.dynamic_shapes
+    )
+    assert compiled.report["token_pruning"].stats.details["kept"] == keep
+    with torch.no_grad():
+        out = compiled(**qwen2vl.inputs)
+        expected, kept, renumbered = _qwen2vl_reference(qwen2vl.model, qwen2vl.inputs, keep, method)
+    assert out.shape == expected.shape == (1, 29 - 16 + keep, 256)
+    assert torch.allclose(out, expected, atol=1e-5)
+    # the kept tokens keep their own mRoPE ids: renumbering them would change the logits
+    assert not torch.allclose(out, renumbered, atol=1e-5)
+    if method == "stride":  # text 0-5 and 22-28, image tokens 6 + ⌊i·16/4⌋
+        assert kept.tolist() == [[0, 1, 2, 3, 4, 5, 6, 10, 14, 18, 22, 23, 24, 25, 26, 27, 28]]
+
+
+def test_qwen2vl_one_graph_serves_other_text_lengths_and_a_batch():
+    case = build_qwen2vl_test_case(batch=2)
+    recipe = _recipe(ratio=0.75, method="mmr")
+    compiled = angel_compile.compile(case.model, (), case.inputs, recipe=recipe, dynamic_shapes=case.dynamic_shapes)
+    images = torch.cat([synthetic_image(), synthetic_image().flip(-1)])
+    pixel_values, grid_thw = qwen2vl_pixel_values(images, patch=4)
+    for before, after in ((5, 6), (9, 2), (1, 20)):
+        ids = qwen2vl_prompt(16, before, after, seed=3, batch=2)
+        inputs = case.model.prepare_inputs(ids, pixel_values, grid_thw)
+        with torch.no_grad():
+            out = compiled(**inputs)
+            expected, _, _ = _qwen2vl_reference(case.model, inputs, 4, "mmr")
+        assert out.shape == expected.shape == (2, before + after + 2 + 4, 256)
+        assert torch.allclose(out, expected, atol=1e-5)
