@@ -65,6 +65,12 @@ GEMV_VARIANTS = [
         ("words", 64, 512, 4, 8, 3),
         ("words", 32, 256, 4, 4, 4),
         ("words", 128, 256, 4, 8, 3),
+        # one-warp programs with split K: the best INT2 / ternary GEMV tiles (RESULTS, issue 6); untimed here yet
+        ("bytes", 16, 512, 1, 1, 3),
+        ("bytes", 8, 512, 1, 1, 3),
+        ("words", 16, 512, 4, 1, 3),
+        ("words", 32, 512, 4, 1, 3),
+        ("words", 16, 256, 8, 1, 4),
     ]
 ]
 SMALL_M_SWEEP = [
