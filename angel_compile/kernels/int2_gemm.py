@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from angel_compile.kernels.split_k import finish_split_k, split_k_for, split_k_tiles
+
 
 def _gemv_variant(block_n: int, block_k: int, warps: int, stages: int, split_k: int | None = None) -> tuple[str, dict]:
     name = f"n{block_n}_k{block_k}_w{warps}_s{stages}" + (f"_split{split_k}" if split_k else "")
@@ -67,7 +69,6 @@ GEMV_CONFIG = GEMV_VARIANTS["n32_k512_w1_s3_split4"]
 SMALL_M_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
 LARGE_M_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 DEQUANTIZE_MIN_M = 256
-TARGET_PROGRAMS = 264  # two per SM of an H100: with fewer, split K
 
 
 @triton.jit
@@ -90,9 +91,7 @@ def _gemv_kernel(
     x_offs = (offs_g[:, None] * GROUP + tl.arange(0, WPG)[None, :] * 16)[None]  # [1, NG, WPG]: k of field 0
     sz_offs = offs_n[:, None] * stride_sn + offs_g[None, :]  # [BLOCK_N, NG], scales and zeros alike
     groups = K // GROUP
-    tiles_per_split = tl.cdiv(tl.cdiv(groups, NG), SPLIT_K)  # split K: program_id(1) owns a run of tiles
-    t_begin = tl.program_id(1) * tiles_per_split
-    t_end = tl.minimum(t_begin + tiles_per_split, tl.cdiv(groups, NG))
+    t_begin, t_end = split_k_tiles(tl.cdiv(groups, NG), tl.program_id(1), SPLIT_K)
     acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
     for t in tl.range(t_begin, t_end, num_stages=STAGES):
         g0 = t * NG
@@ -153,16 +152,14 @@ def _gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    tiles_per_split = tl.cdiv(K // BLOCK_K, SPLIT_K)  # BLOCK_K divides GROUP, GROUP divides K
-    k_begin = tl.program_id(2) * tiles_per_split * BLOCK_K
-    k_end = min(k_begin + tiles_per_split * BLOCK_K, K)
+    t_begin, t_end = split_k_tiles(K // BLOCK_K, tl.program_id(2), SPLIT_K)  # BLOCK_K divides GROUP divides K
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = offs_m < M, offs_n < N
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + tl.arange(0, BLOCK_K // 4)[None, :]  # [BLOCK_N, BLOCK_K/4]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
+    for k0 in range(t_begin * BLOCK_K, t_end * BLOCK_K, BLOCK_K):
         x = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)
         b = tl.load(w_ptrs + k0 // 4, mask=n_mask[:, None], other=0)
         w = _dequantized_tile(b, offs_n, n_mask, k0 // GROUP, s_ptr, z_ptr, stride_sn, HAS_ZEROS, BLOCK_K)
@@ -209,22 +206,6 @@ def dequantize_int2_triton(
     return out
 
 
-def split_k_for(n: int, k: int, block_n: int, block_k: int) -> int:
-    """K splits: enough programs for the SMs, at least 4 K tiles per split."""
-    programs = triton.cdiv(n, block_n)
-    split = 1
-    while programs * split * 2 <= TARGET_PROGRAMS and k // block_k >= split * 2 * 4:
-        split *= 2
-    return split
-
-
-def _finish(out: torch.Tensor, bias: torch.Tensor | None, split: int, dtype: torch.dtype) -> torch.Tensor:
-    # Split-K programs added fp32 partial sums; bias and the cast come after.
-    if split == 1:
-        return out
-    return (out if bias is None else out + bias.float()).to(dtype)
-
-
 def int2_weight_only_linear_triton(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -267,7 +248,7 @@ def int2_weight_only_linear_triton(
             HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, GROUP=group_size, SPLIT_K=split, STAGES=stages,
             **meta,
         )  # fmt: skip
-        return _finish(out, bias, split, x.dtype).reshape(*lead, n)
+        return finish_split_k(out, bias, split, x.dtype).reshape(*lead, n)
     meta = {**(SMALL_M_CONFIG if m <= 16 else LARGE_M_CONFIG), **(config or {})}
     meta["BLOCK_K"] = min(meta["BLOCK_K"], group_size)  # one group per K tile
     split = meta.pop("SPLIT_K", None) or (split_k_for(n, k, meta["BLOCK_N"], meta["BLOCK_K"]) if m <= 16 else 1)
@@ -279,4 +260,4 @@ def int2_weight_only_linear_triton(
         HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, GROUP=group_size,
         DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", SPLIT_K=split, **meta,
     )  # fmt: skip
-    return _finish(out, bias, split, x.dtype).reshape(*lead, n)
+    return finish_split_k(out, bias, split, x.dtype).reshape(*lead, n)

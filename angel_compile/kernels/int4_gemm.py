@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from angel_compile.kernels.split_k import finish_split_k, split_k_for, split_k_tiles
 from angel_compile.ops.int4 import quantize_fp8_rows
 
 # M == 1: one fixed tile, the best of a 6-tile sweep on an H100 (benchmarks/RESULTS.md, INT4).
@@ -50,10 +51,9 @@ GEMV_CONFIG = {"KERNEL": "bytes", "BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4,
 # M == 1 through `_gemv_words_kernel` (int32 word loads, split K): not yet timed on a GPU;
 # `benchmarks/bench_int4.py --variants` compares it with GEMV_CONFIG in one run.
 GEMV_WORDS_CONFIG = {"KERNEL": "words", "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3}
-# M <= 16: one 16-row tile; SPLIT_K is chosen per shape by `_split_k`.
+# M <= 16: one 16-row tile; SPLIT_K is chosen per shape by `split_k_for`.
 SMALL_M_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
 DEQUANTIZE_MIN_M = 256  # from here on: dequantize W, then cuBLAS
-TARGET_PROGRAMS = 264  # two per SM of an H100: with fewer, split K
 
 
 def _gemm_configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
@@ -154,10 +154,7 @@ def _gemv_words_kernel(
     x_offs = offs_g[:, None] * GROUP + tl.arange(0, WPG)[None, :] * 8  # [NG, WPG]: k of each word's nibble 0
     sz_offs = offs_n[:, None] * stride_sn + offs_g[None, :]  # [BLOCK_N, NG]
     groups = K // GROUP
-    # Split K: program_id(1) owns a contiguous run of K tiles.
-    tiles_per_split = tl.cdiv(tl.cdiv(groups, NG), SPLIT_K)
-    t_begin = tl.program_id(1) * tiles_per_split
-    t_end = tl.minimum(t_begin + tiles_per_split, tl.cdiv(groups, NG))
+    t_begin, t_end = split_k_tiles(tl.cdiv(groups, NG), tl.program_id(1), SPLIT_K)
     acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
     for t in tl.range(t_begin, t_end, num_stages=STAGES):
         g0 = t * NG
@@ -251,11 +248,7 @@ def _gemm_kernel(
     group_rows = min(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % group_rows)
     pid_n = (pid % (GROUP_M * num_pid_n)) // group_rows
-    # Split K: program_id(1) owns a contiguous run of K tiles (BLOCK_K divides K: K % GROUP == 0).
-    tiles = K // BLOCK_K
-    tiles_per_split = tl.cdiv(tiles, SPLIT_K)
-    k_begin = tl.program_id(1) * tiles_per_split * BLOCK_K
-    k_end = min(k_begin + tiles_per_split * BLOCK_K, K)
+    t_begin, t_end = split_k_tiles(K // BLOCK_K, tl.program_id(1), SPLIT_K)  # BLOCK_K divides K: K % GROUP == 0
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -263,7 +256,7 @@ def _gemm_kernel(
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + tl.arange(0, BLOCK_K // 2)[None, :]  # [BLOCK_N, BLOCK_K/2]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
+    for k0 in range(t_begin * BLOCK_K, t_end * BLOCK_K, BLOCK_K):
         x = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)
         b = tl.load(w_ptrs + k0 // 2, mask=n_mask[:, None], other=0)
         q = tl.reshape(tl.join(b & 0xF, b >> 4), (BLOCK_N, BLOCK_K))  # [BLOCK_N, BLOCK_K], k order
@@ -299,15 +292,6 @@ _gemm_tuned = triton.autotune(
 )(_gemm_kernel)
 
 
-def _split_k(n: int, k: int, block_n: int, block_k: int) -> int:
-    """K splits for the small-M path: enough programs for the SMs, at least 4 K tiles per split."""
-    programs = triton.cdiv(n, block_n)
-    split = 1
-    while programs * split * 2 <= TARGET_PROGRAMS and k // block_k >= split * 2 * 4:
-        split *= 2
-    return split
-
-
 def _launch(
     x2: torch.Tensor,
     x_scale: torch.Tensor | None,
@@ -327,7 +311,7 @@ def _launch(
     meta["DOT_PRECISION"] = "ieee" if x2.dtype == torch.float32 else "tf32"
     if config is None and m <= 16:
         config = {**SMALL_M_CONFIG, "BLOCK_K": min(SMALL_M_CONFIG["BLOCK_K"], group_size)}
-        config["SPLIT_K"] = _split_k(n, k, config["BLOCK_N"], config["BLOCK_K"])
+        config["SPLIT_K"] = split_k_for(n, k, config["BLOCK_N"], config["BLOCK_K"])
     split = config.get("SPLIT_K", 1) if config else 1
     # With split K the programs add fp32 partial sums; bias and the cast come after.
     out = torch.zeros((m, n), dtype=torch.float32, device=x2.device) if split > 1 else None
@@ -345,10 +329,7 @@ def _launch(
         _gemm_kernel[grid(full)](*args, **full)
     else:
         _gemm_tuned[grid](*args, **meta)
-    if split > 1:
-        out = out if bias is None else out + bias.float()
-        out = out.to(out_dtype)
-    return out
+    return finish_split_k(out, bias, split, out_dtype)
 
 
 def _gemv_words(

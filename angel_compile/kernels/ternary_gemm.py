@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from angel_compile.kernels.int2_gemm import _finish, split_k_for
+from angel_compile.kernels.split_k import finish_split_k, split_k_for, split_k_tiles
 from angel_compile.ops.ternary import (
     CHUNK_BYTES,
     CHUNK_WEIGHTS,
@@ -95,10 +95,7 @@ def _split_k_workspace(device: torch.device, n: int, row_blocks: int) -> tuple[t
 
 def gemv_split_k(n: int, k: int, block_n: int, block_k: int) -> int:
     """K splits of the GEMV: up to GEMV_TARGET_PROGRAMS one-warp programs, at least 2 K tiles each."""
-    split = 1
-    while triton.cdiv(n, block_n) * split * 2 <= GEMV_TARGET_PROGRAMS and k // block_k >= split * 2 * 2:
-        split *= 2
-    return split
+    return split_k_for(n, k, block_n, block_k, GEMV_TARGET_PROGRAMS, min_tiles=2)
 
 
 def _code_values(device: torch.device) -> torch.Tensor:
@@ -146,12 +143,10 @@ def _gemv_kernel(
     t1 = tl.load(t_ptr + entry * 4 + 1)
     t2 = tl.load(t_ptr + entry * 4 + 2)
     t3 = tl.load(t_ptr + entry * 4 + 3)
-    tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
-    k_begin = tl.program_id(1) * tiles_per_split * BLOCK_K
-    k_end = min(k_begin + tiles_per_split * BLOCK_K, K)
+    t_begin, t_end = split_k_tiles(tl.cdiv(K, BLOCK_K), tl.program_id(1), SPLIT_K)
     w_ptrs = w_ptr + offs_n[None, :, :] * stride_wn + tl.arange(0, S)[:, None, None] * 5  # [S, R, 32] words
     acc = tl.zeros((R, 32), dtype=tl.float32)
-    for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=STAGES):
+    for k0 in tl.range(t_begin * BLOCK_K, t_end * BLOCK_K, BLOCK_K, num_stages=STAGES):
         s_valid = k0 + offs_s * 128 < K  # [S, 1, 1, 1, 1]
         w_mask = n_mask[None, :, :] & (k0 + tl.arange(0, S)[:, None, None] * 128 < K)
         p = w_ptrs + k0 // 128 * 5
@@ -213,15 +208,13 @@ def _gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    tiles_per_split = tl.cdiv(K // BLOCK_K, SPLIT_K)
-    k_begin = tl.program_id(2) * tiles_per_split * BLOCK_K
-    k_end = min(k_begin + tiles_per_split * BLOCK_K, K)
+    t_begin, t_end = split_k_tiles(K // BLOCK_K, tl.program_id(2), SPLIT_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = offs_m < M, offs_n < N
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
+    for k0 in range(t_begin * BLOCK_K, t_end * BLOCK_K, BLOCK_K):
         x = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)
         w = _dequantized_tile(w_ptr, s_ptr, lut_ptr, offs_n, n_mask, stride_wn, stride_sn, k0, K, GROUP, BLOCK_K)
         acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
@@ -327,4 +320,4 @@ def ternary_3of4_linear_triton(
         HAS_BIAS=bias is not None, GROUP=group_size,
         DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", SPLIT_K=split, **meta,
     )  # fmt: skip
-    return _finish(out, bias, split, x.dtype).reshape(*lead, n)
+    return finish_split_k(out, bias, split, x.dtype).reshape(*lead, n)

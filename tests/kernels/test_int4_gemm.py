@@ -14,6 +14,7 @@ import triton
 
 from angel_compile.kernels import int4_gemm as kernels
 from angel_compile.kernels.int4_gemm import int4_weight_only_linear_triton, w4a8_linear_triton
+from angel_compile.kernels.split_k import split_k_for
 from angel_compile.ops.int4 import (
     int4_weight_only_linear_reference,
     quantize_int4_rtn,
@@ -86,8 +87,8 @@ def test_gemm_path_matches_reference(dtype, m, n, k, symmetric, bias, split_k):
 
 
 def test_small_m_default_config_splits_k_when_programs_are_few():
-    assert kernels._split_k(4096, 14336, 64, 128) == 4  # 64 column tiles -> 256 programs
-    assert kernels._split_k(14336, 4096, 64, 128) == 1
+    assert split_k_for(4096, 14336, 64, 128) == 4  # 64 column tiles -> 256 programs
+    assert split_k_for(14336, 4096, 64, 128) == 1
     x, weight, b = _case(4, 40, 1024, 128, False, torch.float32, True)
     out = int4_weight_only_linear_triton(x, *weight, b)
     assert relative_error(out, _expected(x, weight, b)) < BOUND[torch.float32]

@@ -13,6 +13,7 @@ import triton
 
 from angel_compile.kernels import int2_gemm, ternary_gemm
 from angel_compile.kernels.int2_gemm import dequantize_int2_triton, int2_weight_only_linear_triton
+from angel_compile.kernels.split_k import split_k_for
 from angel_compile.kernels.ternary_gemm import dequantize_ternary_3of4_triton, ternary_3of4_linear_triton
 from angel_compile.ops.int2 import int2_weight_only_linear_reference, quantize_int2_rtn
 from angel_compile.ops.ternary import quantize_ternary_3of4, ternary_3of4_linear_reference
@@ -129,8 +130,8 @@ def test_dequantize_kernels_and_split_k_choice():
     assert torch.equal(dequantize_int2_triton(q2.packed, q2.scales, q2.zeros, 64, torch.float32), q2.dequantize())
     qt = quantize_ternary_3of4(torch.randn(40, 256), 128)
     assert torch.equal(dequantize_ternary_3of4_triton(qt.packed, qt.scales, 128, 256, torch.float32), qt.dequantize())
-    assert int2_gemm.split_k_for(4096, 14336, 16, 512) == 1  # 256 programs already
-    assert int2_gemm.split_k_for(1024, 4096, 64, 128) == 8
+    assert split_k_for(4096, 14336, 16, 512) == 1  # 256 programs already
+    assert split_k_for(1024, 4096, 64, 128) == 8
 
 
 def ptx_for_sm90() -> dict[str, str]:
