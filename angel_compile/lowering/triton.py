@@ -56,18 +56,10 @@ def _block_sparse_attention_cuda(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor, scale: float, block_size: int
 ) -> torch.Tensor:
     from angel_compile.kernels.block_sparse_attention import block_sparse_attention_triton
-    from angel_compile.ops.sparse_attention import (
-        SUPPORTED_BLOCK_SIZES,
-        SUPPORTED_DTYPES,
-        SUPPORTED_HEAD_DIMS,
-        block_masked_attention,
-    )
+    from angel_compile.ops.sparse_attention import block_masked_attention, kernel_unsupported
     from angel_compile.sparse.selection import block_mask_to_index
 
-    supported = (
-        q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dtype in SUPPORTED_DTYPES and block_size in SUPPORTED_BLOCK_SIZES
-    )
-    if not supported:
+    if kernel_unsupported(q.shape[-1], q.dtype, block_size):
         # The pass emits only what the kernel supports; a hand-built call still gets the right answer.
         return block_masked_attention(q, k, v, block_mask, scale, block_size)
     index, count = block_mask_to_index(block_mask)

@@ -33,6 +33,18 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_BLOCK_SIZES = (64, 128)  # the kernel's BLOCK_M: one query block per program
 
+
+def kernel_unsupported(head_dim: int, dtype: torch.dtype, block_size: int | None = None) -> str | None:
+    """Why the Triton kernel cannot take q/k/v of this head dim and dtype (in blocks of `block_size`), or None."""
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head dim {head_dim} is not supported by the kernel {SUPPORTED_HEAD_DIMS}"
+    if dtype not in SUPPORTED_DTYPES:
+        return f"dtype {dtype} is not supported by the kernel {SUPPORTED_DTYPES}"
+    if block_size is not None and block_size not in SUPPORTED_BLOCK_SIZES:
+        return f"block size {block_size} is not supported by the kernel {SUPPORTED_BLOCK_SIZES}"
+    return None
+
+
 # block attention: (q, k, v, block_mask [B, Hq, n, n], scale, block_size) -> out [B, Hq, S, D]
 BlockAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, int], torch.Tensor]
 

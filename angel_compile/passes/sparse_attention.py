@@ -57,7 +57,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from angel_compile import meta
 from angel_compile.errors import UnsupportedError
-from angel_compile.ops.sparse_attention import SUPPORTED_BLOCK_SIZES, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+from angel_compile.ops.sparse_attention import SUPPORTED_BLOCK_SIZES, kernel_unsupported
 from angel_compile.passes.attention_mask import prove_causal
 from angel_compile.passes.base import Pass, PassContext, PassResult, PassStats, register_pass
 from angel_compile.passes.graph_utils import copy_source_meta, fake_mode_of, infer_val
@@ -190,10 +190,13 @@ def _check_qkv(q: fx.Node, k: fx.Node, v: fx.Node) -> str | None:
     if not statically_known_true(qv.shape[2] == kv.shape[2]):
         return f"queries ({qv.shape[2]}) and keys ({kv.shape[2]}) differ in length: not a causal prefill"
     head_dim = qv.shape[3]
-    if head_dim not in SUPPORTED_HEAD_DIMS or vv.shape[3] != head_dim:
-        return f"head dim {head_dim} (v: {vv.shape[3]}) is not supported by the kernel {SUPPORTED_HEAD_DIMS}"
-    if qv.dtype not in SUPPORTED_DTYPES or kv.dtype != qv.dtype or vv.dtype != qv.dtype:
-        return f"dtype {qv.dtype} is not supported by the kernel {SUPPORTED_DTYPES}"
+    if vv.shape[3] != head_dim:
+        return f"v's head dim {vv.shape[3]} differs from q's {head_dim}: not supported by the kernel"
+    if kv.dtype != qv.dtype or vv.dtype != qv.dtype:
+        return f"q, k, v dtypes differ ({qv.dtype}, {kv.dtype}, {vv.dtype}): not supported by the kernel"
+    reason = kernel_unsupported(head_dim, qv.dtype)  # the block size was checked with the options
+    if reason:
+        return reason
     if not isinstance(qv.shape[1], int):
         return f"the number of query heads ({qv.shape[1]}) is not static"
     return None
