@@ -19,8 +19,8 @@ int4 weight-only, chosen by M:
   one FADD subtracts 2^23 + z · 2^(4(i%4)), leaving (q − z) · 2^(4(i%4)) exactly; one FFMA
   with x[8j + i] · 2^(−4(i%4)) (exact: a power of two). The group's partial dot is then scaled
   once. SPLIT_K > 1 splits the K tiles across programs (fp32 atomics into a zeroed buffer)
-  where N / BLOCK_N programs are too few. Not yet timed on a GPU (benchmarks/bench_int4.py
-  --variants); GEMV_CONFIG picks the kernel.
+  where N / BLOCK_N programs are too few. On an H100 every word-kernel tile timed so far was
+  slower than the byte kernel (benchmarks/RESULTS.md, INT4 GEMV); GEMV_CONFIG picks the kernel.
 - 1 < M < 256, `_gemm_kernel`: the byte tile is unpacked in registers, interleaved back into
   k order (tl.join + reshape), dequantized ((q − z) · s, one group per K tile) to x's dtype
   and multiplied on tensor cores (`tl.dot`). For M <= 16 a 16-row tile covers every row, so W
@@ -48,8 +48,8 @@ from angel_compile.ops.int4 import quantize_fp8_rows
 
 # M == 1: one fixed tile, the best of a 6-tile sweep on an H100 (benchmarks/RESULTS.md, INT4).
 GEMV_CONFIG = {"KERNEL": "bytes", "BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
-# M == 1 through `_gemv_words_kernel` (int32 word loads, split K): not yet timed on a GPU;
-# `benchmarks/bench_int4.py --variants` compares it with GEMV_CONFIG in one run.
+# M == 1 through `_gemv_words_kernel` (int32 word loads, split K): slower than GEMV_CONFIG in
+# the H100 sweeps so far; `benchmarks/bench_int4.py --variants` compares them in one run.
 GEMV_WORDS_CONFIG = {"KERNEL": "words", "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3}
 # M <= 16: one 16-row tile; SPLIT_K is chosen per shape by `split_k_for`.
 SMALL_M_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
