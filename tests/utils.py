@@ -1,5 +1,11 @@
 """Helpers shared by tests."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 
@@ -28,3 +34,17 @@ def outlier_layer(k: int = 256, n: int = 96, rows: int = 1024, seed: int = 0) ->
 
     weight = torch.randn(n, k, generator=g) * 0.02 * torch.rand(n, 1, generator=g).add(0.5)
     return weight, activations(rows), activations(rows // 2)
+
+
+def ptx_from_fresh_process(module: str) -> dict[str, str]:
+    """`module.ptx_for_sm90()` (kernel name -> PTX for an H100) run in a fresh Python process.
+
+    The interpreter replaced triton.language's own jit functions at import, so the kernels are
+    compiled where TRITON_INTERPRET is unset; no GPU is needed to compile.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"import json; from {module} import ptx_for_sm90 as f; print(json.dumps(f()))"
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])

@@ -1,11 +1,5 @@
 """The block-sparse attention Triton kernel, run by the Triton interpreter on CPU, vs the reference."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import triton
@@ -17,7 +11,7 @@ from angel_compile.ops.sparse_attention import (
     dense_causal_attention,
 )
 from angel_compile.sparse.selection import SparseAttentionConfig, block_mask_to_index, causal_block_mask, select_blocks
-from tests.utils import relative_error
+from tests.utils import ptx_from_fresh_process, relative_error
 
 SCALE = 0.125
 
@@ -175,14 +169,7 @@ def ptx_for_sm90() -> dict[str, str]:
 
 
 def test_sm90_code_uses_wgmma_exp2_and_tma():
-    # The interpreter replaced triton.language's own jit functions at import, so compile in a
-    # fresh process where TRITON_INTERPRET is unset; no GPU is needed to compile.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"import json; from {__name__} import ptx_for_sm90 as f; print(json.dumps(f()))"
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ptx = json.loads(done.stdout.splitlines()[-1])
+    ptx = ptx_from_fresh_process(__name__)
     for name, code in ptx.items():
         assert "wgmma.mma_async" in code  # Hopper tensor cores for q·kᵀ and p·v
         assert "ex2.approx" in code  # the base-2 softmax

@@ -1,12 +1,7 @@
 """The INT4 Triton kernels (kernels/int4_gemm.py) vs the op references: on CPU through the
 Triton interpreter (fp32 / fp16), ahead-of-time compiled for sm_90, and in bf16 on a GPU."""
 
-import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +15,7 @@ from angel_compile.ops.int4 import (
     quantize_int4_rtn,
     w4a8_linear_reference,
 )
-from tests.utils import relative_error
+from tests.utils import ptx_from_fresh_process, relative_error
 
 # Big tiles: the interpreter's cost grows with the number of programs.
 GEMV = {"BLOCK_N": 16, "BLOCK_K": 128}
@@ -160,14 +155,7 @@ def ptx_for_sm90() -> dict[str, str]:
 
 
 def test_sm90_code_has_the_intended_instructions():
-    # The interpreter replaced triton.language's own jit functions at import: compile in a
-    # fresh process where TRITON_INTERPRET is unset; no GPU is needed to compile.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"import json; from {__name__} import ptx_for_sm90 as f; print(json.dumps(f()))"
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ptx = json.loads(done.stdout.splitlines()[-1])
+    ptx = ptx_from_fresh_process(__name__)
     assert "cp.async" in ptx["gemv"] and "cp.async" in ptx["gemv_words"]  # the pipelined weight stream
     # The words kernel never extracts bytes: no prmt, one shared-memory vector load per 4 words.
     assert "prmt" not in ptx["gemv_words"] and "ld.shared.v4.b32" in ptx["gemv_words"]

@@ -1,12 +1,7 @@
 """The int8 weight-only Triton kernels vs the reference: on CPU through the Triton interpreter
 (fp32 / fp16: its bf16 tl.dot is wrong), ahead-of-time compiled for sm_90, and in bf16 on a GPU."""
 
-import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +10,7 @@ import triton
 from angel_compile.kernels import int8_weight_only as kernels
 from angel_compile.kernels.int8_weight_only import int8_weight_only_linear_triton
 from angel_compile.ops.int8_weight_only import int8_weight_only_linear_reference, quantize_int8_per_channel
-from tests.utils import relative_error
+from tests.utils import ptx_from_fresh_process, relative_error
 
 # Big tiles: the interpreter's cost grows with the number of programs.
 GEMV = {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4}
@@ -112,14 +107,7 @@ def ptx_for_sm90() -> dict[str, str]:
 
 
 def test_sm90_code_has_the_intended_instructions():
-    # The interpreter replaced triton.language's own jit functions at import, so compile in a
-    # fresh process where TRITON_INTERPRET is unset; no GPU is needed to compile.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"import json; from {__name__} import ptx_for_sm90 as f; print(json.dumps(f()))"
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ptx = json.loads(done.stdout.splitlines()[-1])
+    ptx = ptx_from_fresh_process(__name__)
     # GEMV: weight tiles copied 16 bytes at a time by cp.async (the pipelined loop).
     assert "cp.async.cg.shared.global" in ptx["gemv"]
     assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx["small_m"]

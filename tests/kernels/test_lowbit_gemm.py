@@ -1,12 +1,6 @@
 """INT2 and 3:4 ternary Triton kernels vs the op references, on CPU through the Triton interpreter
 (fp32 / fp16), and ahead-of-time compiled for sm_90."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import triton
@@ -17,7 +11,7 @@ from angel_compile.kernels.split_k import split_k_for
 from angel_compile.kernels.ternary_gemm import dequantize_ternary_3of4_triton, ternary_3of4_linear_triton
 from angel_compile.ops.int2 import int2_weight_only_linear_reference, quantize_int2_rtn
 from angel_compile.ops.ternary import quantize_ternary_3of4, ternary_3of4_linear_reference
-from tests.utils import relative_error
+from tests.utils import ptx_from_fresh_process, relative_error
 
 BOUND = {torch.float32: 1e-5, torch.float16: 2e-3}
 GEMV = {"BLOCK_N": 16, "BLOCK_K": 128}
@@ -168,13 +162,7 @@ def ptx_for_sm90() -> dict[str, str]:
 
 
 def test_sm90_code_compiles_with_tensor_cores_for_the_gemm():
-    # Compile in a fresh process without TRITON_INTERPRET (the interpreter patched triton at import).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"import json; from {__name__} import ptx_for_sm90 as f; print(json.dumps(f()))"
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ptx = json.loads(done.stdout.splitlines()[-1])
+    ptx = ptx_from_fresh_process(__name__)
     for name in ("int2_gemm", "ternary_gemm"):
         assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx[name], name
     for name in ("int2_gemv",):

@@ -7,12 +7,7 @@ accumulate), both scale epilogues (per tensor and per row / column), bias, ragge
 Not covered there: FP8 row quantization's codes (the interpreter's cast to float8e4nv rounds
 wrongly, ENVIRONMENT.md; its scales are checked) and bf16 outputs: those run on the GPU."""
 
-import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +24,7 @@ from angel_compile.ops.fp8_linear import fp8_input_scale, fp8_linear_reference, 
 from angel_compile.ops.int4 import quantize_fp8_rows
 from angel_compile.ops.int8_weight_only import quantize_int8_per_channel
 from angel_compile.ops.w8a8_int8 import quantize_int8_rows, w8a8_int8_linear_reference
-from tests.utils import relative_error
+from tests.utils import ptx_from_fresh_process, relative_error
 
 # Big tiles: the interpreter's cost grows with the number of programs.
 CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4}
@@ -152,14 +147,7 @@ def ptx_for_sm90() -> dict[str, str]:
 
 
 def test_sm90_code_has_the_intended_instructions():
-    # The interpreter replaced triton.language's jit functions at import: compile in a fresh
-    # process where TRITON_INTERPRET is unset; no GPU is needed to compile.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"import json; from {__name__} import ptx_for_sm90 as f; print(json.dumps(f()))"
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ptx = json.loads(done.stdout.splitlines()[-1])
+    ptx = ptx_from_fresh_process(__name__)
     assert "wgmma.mma_async.sync.aligned.m64n256k32.f32.e4m3.e4m3" in ptx["fp8"]
     assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.s32\.s8\.s8", ptx["int8"])
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx["quantize_fp8"]  # round to nearest even, saturating
