@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from angel_compile.kernels.split_k import finish_split_k, split_k_for, split_k_tiles
+from angel_compile.kernels.int4_gemm import dequantize_groupwise
+from angel_compile.kernels.split_k import finish_split_k, split_k_for, split_k_output, split_k_tiles
 
 
 def _gemv_variant(block_n: int, block_k: int, warps: int, stages: int, split_k: int | None = None) -> tuple[str, dict]:
@@ -196,14 +197,7 @@ def dequantize_int2_triton(
     packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """W [N, K] in `dtype` from the INT2 format (CUDA, or the interpreter)."""
-    n, k = packed.shape[0], packed.shape[1] * 4
-    out = torch.empty((n, k), dtype=dtype, device=packed.device)
-    grid = (triton.cdiv(n, 32), k // group_size)
-    _dequantize_kernel[grid](
-        packed, scales, scales if zeros is None else zeros, out, n, packed.stride(0), scales.stride(0), out.stride(0),
-        HAS_ZEROS=zeros is not None, GROUP=group_size, BLOCK_N=32,
-    )  # fmt: skip
-    return out
+    return dequantize_groupwise(_dequantize_kernel, 4, packed, scales, zeros, group_size, dtype)
 
 
 def int2_weight_only_linear_triton(
@@ -241,7 +235,7 @@ def int2_weight_only_linear_triton(
         if packed.data_ptr() % 4:  # a view at an odd byte offset: words need 4-byte alignment
             packed = packed.clone()
         words = packed.view(torch.int32)  # [N, K/16]: K % 16 == 0, so every row is whole words
-        out = torch.zeros((1, n), dtype=torch.float32, device=x.device) if split > 1 else x.new_empty((1, n))
+        out = split_k_output(1, n, split, x.dtype, x.device)
         _gemv_kernel[(triton.cdiv(n, meta["BLOCK_N"]), split)](
             x2, words, scales, any_ptr if zeros is None else zeros, any_ptr if bias is None else bias, out,
             n, k, words.stride(0), scales.stride(0),
@@ -252,7 +246,7 @@ def int2_weight_only_linear_triton(
     meta = {**(SMALL_M_CONFIG if m <= 16 else LARGE_M_CONFIG), **(config or {})}
     meta["BLOCK_K"] = min(meta["BLOCK_K"], group_size)  # one group per K tile
     split = meta.pop("SPLIT_K", None) or (split_k_for(n, k, meta["BLOCK_N"], meta["BLOCK_K"]) if m <= 16 else 1)
-    out = torch.zeros((m, n), dtype=torch.float32, device=x.device) if split > 1 else x.new_empty((m, n))
+    out = split_k_output(m, n, split, x.dtype, x.device)
     grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), split)
     _gemm_kernel[grid](
         x2, packed, scales, any_ptr if zeros is None else zeros, any_ptr if bias is None else bias, out,

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from angel_compile.kernels.split_k import finish_split_k, split_k_for, split_k_tiles
+from angel_compile.kernels.split_k import finish_split_k, split_k_for, split_k_output, split_k_tiles
 from angel_compile.ops.int4 import quantize_fp8_rows
 
 # M == 1: one fixed tile, the best of a 6-tile sweep on an H100 (benchmarks/RESULTS.md, INT4).
@@ -215,18 +215,34 @@ def _dequantize_kernel(
     tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=n_mask[:, None])
 
 
-def dequantize_int4_triton(
-    packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int, dtype: torch.dtype
+def dequantize_groupwise(
+    kernel: triton.JITFunction,
+    values_per_byte: int,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """W [N, K] in `dtype` from the INT4 format (CUDA)."""
-    n, k = packed.shape[0], packed.shape[1] * 2
+    """W [N, K] in `dtype` by a group-wise dequantize `kernel` (INT4 here, INT2 in `int2_gemm`).
+
+    One program per 32 rows × one group; the kernels share their argument list.
+    """
+    n, k = packed.shape[0], packed.shape[1] * values_per_byte
     out = torch.empty((n, k), dtype=dtype, device=packed.device)
     grid = (triton.cdiv(n, 32), k // group_size)
-    _dequantize_kernel[grid](
+    kernel[grid](
         packed, scales, scales if zeros is None else zeros, out, n, packed.stride(0), scales.stride(0), out.stride(0),
         HAS_ZEROS=zeros is not None, GROUP=group_size, BLOCK_N=32,
     )  # fmt: skip
     return out
+
+
+def dequantize_int4_triton(
+    packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """W [N, K] in `dtype` from the INT4 format (CUDA)."""
+    return dequantize_groupwise(_dequantize_kernel, 2, packed, scales, zeros, group_size, dtype)
 
 
 @triton.jit
@@ -314,8 +330,7 @@ def _launch(
         config["SPLIT_K"] = split_k_for(n, k, config["BLOCK_N"], config["BLOCK_K"])
     split = config.get("SPLIT_K", 1) if config else 1
     # With split K the programs add fp32 partial sums; bias and the cast come after.
-    out = torch.zeros((m, n), dtype=torch.float32, device=x2.device) if split > 1 else None
-    out = out if out is not None else torch.empty((m, n), dtype=out_dtype, device=x2.device)
+    out = split_k_output(m, n, split, out_dtype, x2.device)
     meta["HAS_BIAS"] = bias is not None and split == 1
     args = (x2, packed, scales, any_ptr if zeros is None else zeros, any_ptr if x_scale is None else x_scale)
     args += (bias if meta["HAS_BIAS"] else any_ptr, out, m, n, k, x2.stride(0), packed.stride(0), scales.stride(0))
@@ -347,8 +362,7 @@ def _gemv_words(
     meta = dict(meta)
     split, stages = meta.pop("SPLIT_K", 1), meta.pop("num_stages")
     # With split K the programs add fp32 partial sums into a zeroed buffer; the cast comes after.
-    out = torch.zeros((1, n), dtype=torch.float32, device=x2.device) if split > 1 else None
-    out = out if out is not None else torch.empty((1, n), dtype=x2.dtype, device=x2.device)
+    out = split_k_output(1, n, split, x2.dtype, x2.device)
     grid = (triton.cdiv(n, meta["BLOCK_N"]), split)
     _gemv_words_kernel[grid](
         x2, words, scales, scales if zeros is None else zeros, scales if bias is None else bias, out,

@@ -2,7 +2,7 @@
 
 A split-K launch has grid axis `split` of size SPLIT_K; split s owns the contiguous run of K tiles
 `split_k_tiles(num_tiles, s, SPLIT_K)` and adds its fp32 partial sums into a zeroed buffer with
-atomics; `finish_split_k` then adds the bias and casts (the kernels skip both when SPLIT_K > 1).
+atomics (`split_k_output`); `finish_split_k` then adds the bias and casts (the kernels skip both when SPLIT_K > 1).
 """
 
 from __future__ import annotations
@@ -31,6 +31,13 @@ def split_k_tiles(num_tiles, split, SPLIT_K: tl.constexpr):
     per_split = tl.cdiv(num_tiles, SPLIT_K)
     begin = split * per_split
     return begin, tl.minimum(begin + per_split, num_tiles)
+
+
+def split_k_output(m: int, n: int, split: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The [m, n] output buffer of a launch: zeroed fp32 for the splits' atomics, else `dtype`."""
+    if split > 1:
+        return torch.zeros((m, n), dtype=torch.float32, device=device)
+    return torch.empty((m, n), dtype=dtype, device=device)
 
 
 def finish_split_k(out: torch.Tensor, bias: torch.Tensor | None, split: int, dtype: torch.dtype) -> torch.Tensor:

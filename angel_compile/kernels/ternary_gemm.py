@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from angel_compile.kernels.split_k import finish_split_k, split_k_for, split_k_tiles
+from angel_compile.kernels.split_k import finish_split_k, split_k_for, split_k_output, split_k_tiles
 from angel_compile.ops.ternary import (
     CHUNK_BYTES,
     CHUNK_WEIGHTS,
@@ -312,7 +312,7 @@ def ternary_3of4_linear_triton(
     meta = {**(SMALL_M_CONFIG if m <= 16 else LARGE_M_CONFIG), **(config or {})}
     meta["BLOCK_K"] = min(tile_k(group_size, k, meta["BLOCK_K"]), group_size)  # inside one group
     split = meta.pop("SPLIT_K", None) or (split_k_for(n, k, meta["BLOCK_N"], meta["BLOCK_K"]) if m <= 16 else 1)
-    out = torch.zeros((m, n), dtype=torch.float32, device=x.device) if split > 1 else x.new_empty((m, n))
+    out = split_k_output(m, n, split, x.dtype, x.device)
     grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), split)
     _gemm_kernel[grid](
         x2, packed, scales, _lut(x.device), any_ptr if bias is None else bias, out,

@@ -195,3 +195,10 @@ def test_bf16_words_gemv_on_gpu_matches_reference(n, k, split_k):
     out = int4_weight_only_linear_triton(x, *weight, bias, config=config)
     assert out.dtype == torch.bfloat16
     assert relative_error(out, _expected(x, weight, bias)) < 1e-2
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_dequantize_kernel_matches_the_format(symmetric):
+    # The prefill path (M >= DEQUANTIZE_MIN_M) writes W with this kernel, then cuBLAS multiplies.
+    q = quantize_int4_rtn(torch.randn(40, 256), 64, symmetric)
+    assert torch.equal(kernels.dequantize_int4_triton(q.packed, q.scales, q.zeros, 64, torch.float32), q.dequantize())
