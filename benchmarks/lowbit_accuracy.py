@@ -13,18 +13,11 @@ weights, scales, zero points; float tensors counted as bf16) vs the bf16 model.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
-import time
 
 import torch
 
-import angel_compile
-from angel_compile.data import token_ids
-from angel_compile.eval import calibration_batches, perplexity
-from angel_compile.models import load_smollm2, load_smollm2_finetuned
-
-CORPORA = ("shakespeare", "lee")
+from benchmarks.quant_accuracy import CORPORA, add_setup_arguments, load_setup
 
 
 def _recipe(name: str, scheme: dict) -> dict:
@@ -64,38 +57,18 @@ def stored_bytes(module: torch.nn.Module) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("smollm2", "smollm2-ft"), default="smollm2-ft")
-    parser.add_argument("--tokens", type=int, default=2048, help="held-out tokens per corpus")
-    parser.add_argument("--calibration-batches", type=int, default=8)
-    parser.add_argument("--calibration-length", type=int, default=256)
-    parser.add_argument("--device", default="cpu")
+    add_setup_arguments(parser, model="smollm2-ft")
     parser.add_argument("--only", nargs="+", choices=list(RECIPES), help="run these schemes only")
     args = parser.parse_args()
+    setup = load_setup(args)
 
-    model, tokenizer = (load_smollm2_finetuned if args.model == "smollm2-ft" else load_smollm2)()
-    model = model.to(args.device)
-    texts = {c: token_ids(tokenizer, c, "held_out", max_tokens=args.tokens).to(args.device) for c in CORPORA}
-    batches = [
-        {k: v.to(args.device) for k, v in b.items()}
-        for b in calibration_batches(tokenizer, args.calibration_batches, args.calibration_length)
-    ]
-    example = {"input_ids": batches[0]["input_ids"][:, :64]}
-    seq = torch.export.Dim("seq", min=2, max=model.config.max_position_embeddings)
-    bf16_bytes = stored_bytes(model)
-    rows = [("float (fp32 run, bf16 size)", {c: perplexity(model, ids) for c, ids in texts.items()}, bf16_bytes, 0.0)]
+    bf16_bytes = stored_bytes(setup.model)
+    rows = [("float (fp32 run, bf16 size)", setup.perplexities(setup.model), bf16_bytes, 0.0)]
     for label, recipe in RECIPES.items():
         if args.only and label not in args.only:
             continue
-        start = time.perf_counter()
-        compiled = angel_compile.compile(
-            copy.deepcopy(model),
-            example_kwargs=example,
-            recipe=recipe,
-            dynamic_shapes={"input_ids": {1: seq}},
-            calibration_data=batches,
-        )
-        seconds = time.perf_counter() - start
-        ppl = {c: perplexity(compiled, ids) for c, ids in texts.items()}
+        compiled, seconds = setup.compile(recipe)
+        ppl = setup.perplexities(compiled)
         rows.append((label, ppl, stored_bytes(compiled.graph_module), seconds))
         print(f"{label}: {ppl} ({seconds:.0f} s to compile)", flush=True)
 

@@ -17,6 +17,7 @@ import argparse
 import copy
 import datetime
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -61,17 +62,41 @@ def with_group_size(recipe: str, group_size: int | None) -> Recipe:
     return Recipe.from_dict({**resolved.to_dict(), "name": f"{resolved.name}-g{group_size}", "passes": passes})
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipes", nargs="+", required=True, help="built-in recipe names or recipe files")
-    parser.add_argument("--model", choices=("smollm2", "smollm2-ft"), default="smollm2")
+def add_setup_arguments(parser: argparse.ArgumentParser, model: str) -> None:
+    """The options both accuracy scripts take: the model, held-out tokens, calibration and device."""
+    parser.add_argument("--model", choices=("smollm2", "smollm2-ft"), default=model)
     parser.add_argument("--tokens", type=int, default=2048, help="held-out tokens per corpus")
     parser.add_argument("--calibration-batches", type=int, default=8)
     parser.add_argument("--calibration-length", type=int, default=256)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--group-size", type=int, help="set this group size in every group-wise scheme")
-    args = parser.parse_args()
 
+
+@dataclass
+class Setup:
+    """The float model, its held-out texts per corpus and its calibration batches, on `--device`."""
+
+    model: torch.nn.Module
+    texts: dict[str, torch.Tensor]
+    batches: list[dict[str, torch.Tensor]]
+
+    def perplexities(self, model: Any) -> dict[str, float]:
+        return {c: perplexity(model, ids) for c, ids in self.texts.items()}
+
+    def compile(self, recipe: Any) -> tuple[Any, float]:
+        """(the float model compiled under `recipe` with a dynamic length, seconds it took)."""
+        start = time.perf_counter()
+        seq = torch.export.Dim("seq", min=2, max=self.model.config.max_position_embeddings)
+        compiled = angel_compile.compile(
+            copy.deepcopy(self.model),  # recipes rewrite weights; the reference stays as it is
+            example_kwargs={"input_ids": self.batches[0]["input_ids"][:, :64]},
+            recipe=recipe,
+            dynamic_shapes={"input_ids": {1: seq}},
+            calibration_data=self.batches,
+        )
+        return compiled, time.perf_counter() - start
+
+
+def load_setup(args: argparse.Namespace) -> Setup:
     model, tokenizer = (load_smollm2_finetuned if args.model == "smollm2-ft" else load_smollm2)()
     model = model.to(args.device)
     texts = {c: token_ids(tokenizer, c, "held_out", max_tokens=args.tokens).to(args.device) for c in CORPORA}
@@ -79,21 +104,21 @@ def main() -> None:
         {k: v.to(args.device) for k, v in b.items()}
         for b in calibration_batches(tokenizer, args.calibration_batches, args.calibration_length)
     ]
-    example = {"input_ids": batches[0]["input_ids"][:, :64]}
-    seq = torch.export.Dim("seq", min=2, max=model.config.max_position_embeddings)
+    return Setup(model, texts, batches)
 
-    rows = [("float (fp32)", {c: perplexity(model, ids) for c, ids in texts.items()}, "-", 0.0)]
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipes", nargs="+", required=True, help="built-in recipe names or recipe files")
+    add_setup_arguments(parser, model="smollm2")
+    parser.add_argument("--group-size", type=int, help="set this group size in every group-wise scheme")
+    args = parser.parse_args()
+    setup = load_setup(args)
+
+    rows = [("float (fp32)", setup.perplexities(setup.model), "-", 0.0)]
     for recipe in args.recipes:
-        start = time.perf_counter()
-        compiled = angel_compile.compile(
-            copy.deepcopy(model),  # recipes rewrite weights; the reference stays as it is
-            example_kwargs=example,
-            recipe=with_group_size(recipe, args.group_size),
-            dynamic_shapes={"input_ids": {1: seq}},
-            calibration_data=batches,
-        )
-        seconds = time.perf_counter() - start
-        ppl = {c: perplexity(compiled, ids) for c, ids in texts.items()}
+        compiled, seconds = setup.compile(with_group_size(recipe, args.group_size))
+        ppl = setup.perplexities(compiled)
         rows.append((compiled.recipe.name, ppl, _weight_bytes(compiled), seconds))
         print(f"{rows[-1][0]}: {rows[-1][1]} ({seconds:.0f} s to compile)", flush=True)
 
