@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from angel_compile.kernels.int4_gemm import dequantize_groupwise
-from angel_compile.kernels.split_k import finish_split_k, split_k_for, split_k_output, split_k_tiles
+from angel_compile.kernels.split_k import finish_split_k, split_k_for, split_k_output, split_k_tiles, store_or_add
 
 
 def _gemv_variant(block_n: int, block_k: int, warps: int, stages: int, split_k: int | None = None) -> tuple[str, dict]:
@@ -123,12 +123,9 @@ def _gemv_kernel(
             zero = 2.0
         acc += (tl.sum(dot, axis=2) * (2.0**64) - zero * tl.sum(x_sum, axis=2)) * scale
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        tl.atomic_add(out_ptr + offs_n, y, mask=n_mask, sem="relaxed")
+    if HAS_BIAS and SPLIT_K == 1:  # with split K, finish_split_k adds it
+        y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    store_or_add(out_ptr + offs_n, y, n_mask, SPLIT_K)
 
 
 @triton.jit
@@ -166,13 +163,9 @@ def _gemm_kernel(
         w = _dequantized_tile(b, offs_n, n_mask, k0 // GROUP, s_ptr, z_ptr, stride_sn, HAS_ZEROS, BLOCK_K)
         acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+    if HAS_BIAS and SPLIT_K == 1:  # with split K, finish_split_k adds it
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    store_or_add(out_ptrs, acc, m_mask[:, None] & n_mask[None, :], SPLIT_K)
 
 
 @triton.jit

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from angel_compile.kernels.split_k import finish_split_k, split_k_for, split_k_output, split_k_tiles
+from angel_compile.kernels.split_k import finish_split_k, split_k_for, split_k_output, split_k_tiles, store_or_add
 from angel_compile.ops.int4 import quantize_fp8_rows
 
 # M == 1: one fixed tile, the best of a 6-tile sweep on an H100 (benchmarks/RESULTS.md, INT4).
@@ -183,10 +183,7 @@ def _gemv_words_kernel(
     if HAS_BIAS:
         if tl.program_id(1) == 0:
             y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    if SPLIT_K == 1:
-        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        tl.atomic_add(out_ptr + offs_n, y, mask=n_mask, sem="relaxed")
+    store_or_add(out_ptr + offs_n, y, n_mask, SPLIT_K)
 
 
 @triton.jit
@@ -294,11 +291,7 @@ def _gemm_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+    store_or_add(out_ptrs, acc, m_mask[:, None] & n_mask[None, :], SPLIT_K)
 
 
 _gemm_tuned = triton.autotune(

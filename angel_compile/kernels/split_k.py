@@ -40,6 +40,15 @@ def split_k_output(m: int, n: int, split: int, dtype: torch.dtype, device: torch
     return torch.empty((m, n), dtype=dtype, device=device)
 
 
+@triton.jit
+def store_or_add(ptrs, tile, mask, SPLIT_K: tl.constexpr):
+    """Without split K: store the fp32 tile in the output's dtype; with: add it into the zeroed fp32 buffer."""
+    if SPLIT_K == 1:
+        tl.store(ptrs, tile.to(ptrs.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ptrs, tile, mask=mask, sem="relaxed")
+
+
 def finish_split_k(out: torch.Tensor, bias: torch.Tensor | None, split: int, dtype: torch.dtype) -> torch.Tensor:
     """The result of a launch: as is without split K, else fp32 partial sums + bias, cast to `dtype`."""
     if split == 1:

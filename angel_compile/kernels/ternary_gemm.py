@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from angel_compile.kernels.split_k import finish_split_k, split_k_for, split_k_output, split_k_tiles
+from angel_compile.kernels.split_k import finish_split_k, split_k_for, split_k_output, split_k_tiles, store_or_add
 from angel_compile.ops.ternary import (
     CHUNK_BYTES,
     CHUNK_WEIGHTS,
@@ -219,13 +219,9 @@ def _gemm_kernel(
         w = _dequantized_tile(w_ptr, s_ptr, lut_ptr, offs_n, n_mask, stride_wn, stride_sn, k0, K, GROUP, BLOCK_K)
         acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+    if HAS_BIAS and SPLIT_K == 1:  # with split K, finish_split_k adds it
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    store_or_add(out_ptrs, acc, m_mask[:, None] & n_mask[None, :], SPLIT_K)
 
 
 @triton.jit
