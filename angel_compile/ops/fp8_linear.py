@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from angel_compile.ops.int4 import FP8_E4M3_MAX, quantize_fp8_rows
+from angel_compile.ops.int8_weight_only import check_linear_weight
 
 
 def _positive(amax: torch.Tensor) -> torch.Tensor:
@@ -79,9 +80,7 @@ def _(
     input_scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    torch._check(weight.dtype == torch.float8_e4m3fn, lambda: f"weight must be float8_e4m3fn, got {weight.dtype}")
-    torch._check(weight.dim() == 2, lambda: f"weight must be 2-D [N, K], got {tuple(weight.shape)}")
-    torch._check(x.shape[-1] == weight.shape[1], lambda: "x's last dim must equal weight's K")
+    check_linear_weight(x, weight, torch.float8_e4m3fn)
     torch._check(
         weight_scale.numel() in (1, weight.shape[0]), lambda: "weight_scale must hold 1 or N (per channel) scales"
     )

@@ -44,6 +44,14 @@ def int8_weight_only_linear_reference(
     return y if bias is None else y + bias.to(x.dtype)
 
 
+def check_linear_weight(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> None:
+    """torch._check a quantized linear's weight: `dtype`, 2-D [N, K], K equal to x's last dim."""
+    name = str(dtype).removeprefix("torch.")
+    torch._check(weight.dtype == dtype, lambda: f"weight must be {name}, got {weight.dtype}")
+    torch._check(weight.dim() == 2, lambda: f"weight must be 2-D [N, K], got {tuple(weight.shape)}")
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "x's last dim must equal weight's K")
+
+
 @torch.library.custom_op("angel::int8_weight_only_linear", mutates_args=())
 def int8_weight_only_linear(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
@@ -53,7 +61,5 @@ def int8_weight_only_linear(
 
 @int8_weight_only_linear.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    torch._check(weight.dtype == torch.int8, lambda: f"weight must be int8, got {weight.dtype}")
-    torch._check(weight.dim() == 2, lambda: f"weight must be 2-D [N, K], got {tuple(weight.shape)}")
-    torch._check(x.shape[-1] == weight.shape[1], lambda: "x's last dim must equal weight's K")
+    check_linear_weight(x, weight, torch.int8)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from angel_compile.ops.int8_weight_only import check_linear_weight
+
 INT8_MAX = 127
 
 
@@ -79,9 +81,7 @@ def _(
     bias: torch.Tensor | None = None,
     input_multiplier: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    torch._check(weight.dtype == torch.int8, lambda: f"weight must be int8, got {weight.dtype}")
-    torch._check(weight.dim() == 2, lambda: f"weight must be 2-D [N, K], got {tuple(weight.shape)}")
-    torch._check(x.shape[-1] == weight.shape[1], lambda: "x's last dim must equal weight's K")
+    check_linear_weight(x, weight, torch.int8)
     torch._check(weight_scale.numel() == weight.shape[0], lambda: "weight_scale must hold N per-channel scales")
     if input_multiplier is not None:
         torch._check(input_multiplier.numel() == x.shape[-1], lambda: "input_multiplier must hold K values")
