@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from angel_compile.kernels.split_k import finish_split_k, split_k_for, split_k_output, split_k_tiles, store_or_add
+from angel_compile.kernels.tiling import grouped_tile
 from angel_compile.ops.int4 import quantize_fp8_rows
 
 # M == 1: one fixed tile, the best of a 6-tile sweep on an H100 (benchmarks/RESULTS.md, INT4).
@@ -252,15 +253,7 @@ def _gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):  # fmt: skip
-    # Grouped ordering: GROUP_M row tiles share each column tile of W while it is in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_pid_n)
-    first_m = group * GROUP_M
-    group_rows = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_rows)
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     t_begin, t_end = split_k_tiles(K // BLOCK_K, tl.program_id(1), SPLIT_K)  # BLOCK_K divides K: K % GROUP == 0
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]

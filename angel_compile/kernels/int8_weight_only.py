@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from angel_compile.kernels.tiling import grouped_tile
+
 # M == 1: one fixed tile, so the first decode step compiles one kernel and tunes nothing. In a
 # sweep on an H100 with HBM-resident weights (Llama-8B q/o, gate/up and down shapes;
 # benchmarks/RESULTS.md) it was within 3% of the best of 47 variants on each shape.
@@ -106,15 +108,7 @@ def _gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     W_AS_A: tl.constexpr,
 ):  # fmt: skip
-    # Grouped ordering: GROUP_M row-tiles share each column-tile of W while it is in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_pid_n)
-    first_m = group * GROUP_M
-    group_size = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size)
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
