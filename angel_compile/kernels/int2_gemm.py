@@ -17,9 +17,11 @@ packed uint8 [N, K/4] (lowest bits = first weight), scales [N, K/g], zeros uint8
   a plain FFMA. No shift per weight, no integer-to-float conversion, no offset to subtract. Per
   group, Σ_k (q_k − z) s x_k = s (2^64 Σ products − z Σ x): scale and zero point once per group.
   This needs FFMA without flush-to-zero (Triton's default; the sm_90 test checks the PTX) and
-  |x| < 2^43 (x · 2^85 stays finite). SPLIT_K > 1 splits the K tiles over programs (fp32
-  atomics) when N / BLOCK_N programs alone leave SMs idle. GEMV_VARIANTS are the tiles that
-  `benchmarks/bench_lowbit.py --variants` times; GEMV_CONFIG is the default.
+  |x| < 2^43 (x · 2^85 stays finite). SPLIT_K > 1 splits the K tiles over programs when
+  N / BLOCK_N programs alone leave SMs idle; the split that finishes a row block last writes y
+  (`split_k.last_split_total`), so the GEMV stays one kernel launch (no memset, no cast kernel).
+  GEMV_VARIANTS are the tiles that `benchmarks/bench_lowbit.py --variants` times; GEMV_CONFIG is
+  the default.
 - 1 < M < 256, `_gemm_kernel`: a [BLOCK_N, BLOCK_K] tile is unpacked and dequantized in registers
   ((q − z) · s, one group per K tile) to x's dtype and multiplied on tensor cores (`tl.dot`); one
   16-row tile covers M <= 16, so W is read once; split K as in the GEMV.
@@ -33,7 +35,15 @@ import triton
 import triton.language as tl
 
 from angel_compile.kernels.int4_gemm import dequantize_groupwise
-from angel_compile.kernels.split_k import finish_split_k, split_k_for, split_k_output, split_k_tiles, store_or_add
+from angel_compile.kernels.split_k import (
+    finish_split_k,
+    gemv_workspace,
+    last_split_total,
+    split_k_for,
+    split_k_output,
+    split_k_tiles,
+    store_or_add,
+)
 
 
 def _gemv_variant(block_n: int, block_k: int, warps: int, stages: int, split_k: int | None = None) -> tuple[str, dict]:
@@ -74,7 +84,7 @@ DEQUANTIZE_MIN_M = 256
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, partial_ptr, arrived_ptr,
     N, K, stride_wn, stride_sn,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
@@ -122,10 +132,11 @@ def _gemv_kernel(
         else:
             zero = 2.0
         acc += (tl.sum(dot, axis=2) * (2.0**64) - zero * tl.sum(x_sum, axis=2)) * scale
-    y = tl.sum(acc, axis=1)  # [BLOCK_N]
-    if HAS_BIAS and SPLIT_K == 1:  # with split K, finish_split_k adds it
-        y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    store_or_add(out_ptr + offs_n, y, n_mask, SPLIT_K)
+    y, last = last_split_total(tl.sum(acc, axis=1), offs_n, n_mask, partial_ptr, arrived_ptr, tl.program_id(0), SPLIT_K)
+    if last:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit
@@ -228,14 +239,16 @@ def int2_weight_only_linear_triton(
         if packed.data_ptr() % 4:  # a view at an odd byte offset: words need 4-byte alignment
             packed = packed.clone()
         words = packed.view(torch.int32)  # [N, K/16]: K % 16 == 0, so every row is whole words
-        out = split_k_output(1, n, split, x.dtype, x.device)
-        _gemv_kernel[(triton.cdiv(n, meta["BLOCK_N"]), split)](
+        row_blocks = triton.cdiv(n, meta["BLOCK_N"])
+        partial, arrived = gemv_workspace(x.device, n, row_blocks)
+        out = x.new_empty((1, n))
+        _gemv_kernel[(row_blocks, split)](
             x2, words, scales, any_ptr if zeros is None else zeros, any_ptr if bias is None else bias, out,
-            n, k, words.stride(0), scales.stride(0),
+            partial, arrived, n, k, words.stride(0), scales.stride(0),
             HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, GROUP=group_size, SPLIT_K=split, STAGES=stages,
             **meta,
         )  # fmt: skip
-        return finish_split_k(out, bias, split, x.dtype).reshape(*lead, n)
+        return out.reshape(*lead, n)
     meta = {**(SMALL_M_CONFIG if m <= 16 else LARGE_M_CONFIG), **(config or {})}
     meta["BLOCK_K"] = min(meta["BLOCK_K"], group_size)  # one group per K tile
     split = meta.pop("SPLIT_K", None) or (split_k_for(n, k, meta["BLOCK_N"], meta["BLOCK_K"]) if m <= 16 else 1)

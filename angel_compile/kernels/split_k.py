@@ -1,8 +1,13 @@
 """Split K shared by the weight-only kernels: how many splits, which K tiles a split owns, the epilogue.
 
 A split-K launch has grid axis `split` of size SPLIT_K; split s owns the contiguous run of K tiles
-`split_k_tiles(num_tiles, s, SPLIT_K)` and adds its fp32 partial sums into a zeroed buffer with
-atomics (`split_k_output`); `finish_split_k` then adds the bias and casts (the kernels skip both when SPLIT_K > 1).
+`split_k_tiles(num_tiles, s, SPLIT_K)`. Two epilogues:
+- GEMM tiles add their fp32 partial sums into a zeroed buffer with atomics (`split_k_output`);
+  `finish_split_k` then adds the bias and casts (the kernels skip both when SPLIT_K > 1).
+- The decode GEMVs stay one kernel launch (a memset and a cast kernel would cost as much as the
+  GEMV's own tail): `last_split_total` adds the partial sums into a per-(device, stream)
+  workspace (`gemv_workspace`), and the split that arrives last at its row block, found with an
+  arrival counter, takes the total, writes y and leaves the workspace and counter at zero.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import triton
 import triton.language as tl
 
 TARGET_PROGRAMS = 264  # two per SM of an H100: with fewer, split K
+_WORKSPACES: dict[tuple[torch.device, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def split_k_for(
@@ -54,3 +60,37 @@ def finish_split_k(out: torch.Tensor, bias: torch.Tensor | None, split: int, dty
     if split == 1:
         return out
     return (out if bias is None else out + bias.float()).to(dtype)
+
+
+def gemv_workspace(device: torch.device, n: int, row_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 partial sums [>= n] and int32 arrival counters [>= row_blocks] for `last_split_total`.
+
+    Zero between GEMV calls (the last split of each row block resets its part). One per (device,
+    stream): GEMVs on one stream run in order, GEMVs on two streams must not share partial sums.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (device, stream)
+    partial, arrived = _WORKSPACES.get(key, (None, None))
+    if partial is None or partial.numel() < n or arrived.numel() < row_blocks:
+        size = max(n, 0 if partial is None else partial.numel())
+        blocks = max(row_blocks, 0 if arrived is None else arrived.numel())
+        partial = torch.zeros(size, dtype=torch.float32, device=device)
+        arrived = torch.zeros(blocks, dtype=torch.int32, device=device)
+        _WORKSPACES[key] = (partial, arrived)
+    return partial, arrived
+
+
+@triton.jit
+def last_split_total(acc, offs_n, n_mask, partial_ptr, arrived_ptr, row_block, SPLIT_K: tl.constexpr):
+    """(total, is_last): with SPLIT_K > 1, adds this split's fp32 row sums `acc` to the workspace;
+    the split that arrives last at `row_block` gets the total and zeroes the workspace and counter."""
+    last = True
+    if SPLIT_K > 1:
+        tl.atomic_add(partial_ptr + offs_n, acc, mask=n_mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial sums are issued before the arrival is counted
+        last = tl.atomic_add(arrived_ptr + row_block, 1, sem="acq_rel") == SPLIT_K - 1
+        if last:
+            acc = tl.load(partial_ptr + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")  # from L2
+            tl.store(partial_ptr + offs_n, tl.zeros_like(acc), mask=n_mask)
+            tl.store(arrived_ptr + row_block, 0)
+    return acc, last

@@ -19,8 +19,8 @@ falls back to the reference for a padded per-channel K).
   (codes 6, 12, 19, 25 straddle two words). Word and shift are constants per register, so a code
   costs a shift and a mask, all 32-bit. Scales apply once per scale group (NGS groups of g < 128
   per super-chunk, else one). Split K for more programs (`gemv_split_k`): fp32 atomics into a
-  per-(device, stream) workspace; the last program of a row block, found with an arrival counter, adds the
-  bias, writes y and zeroes the workspace, so a split GEMV is still one kernel launch.
+  workspace; the last program of a row block adds the bias and writes y (`split_k.last_split_total`),
+  so a split GEMV is still one kernel launch.
 - M > 1 (and M == 1 with K % 128 != 0), `_gemm_kernel`: a chunk's 5 bytes form the 40-bit integer
   V, code i = (V >> 5i) & 31, and `TERNARY_CODE_TO_2BIT` (a 32-entry table in L1) gives the
   block's four weights as 2-bit fields t + 1; the tile is unpacked to t · s in x's dtype and
@@ -34,7 +34,15 @@ import torch
 import triton
 import triton.language as tl
 
-from angel_compile.kernels.split_k import finish_split_k, split_k_for, split_k_output, split_k_tiles, store_or_add
+from angel_compile.kernels.split_k import (
+    finish_split_k,
+    gemv_workspace,
+    last_split_total,
+    split_k_for,
+    split_k_output,
+    split_k_tiles,
+    store_or_add,
+)
 from angel_compile.ops.ternary import (
     CHUNK_BYTES,
     CHUNK_WEIGHTS,
@@ -68,29 +76,12 @@ GEMV_TARGET_PROGRAMS = 1056  # eight one-warp programs per SM of an H100
 SUPER_CHUNK_WEIGHTS = 128  # the GEMV reads 4 chunks (5 aligned 32-bit words) at a time
 _LUTS: dict[torch.device, torch.Tensor] = {}
 _CODE_VALUES: dict[torch.device, torch.Tensor] = {}
-_WORKSPACES: dict[tuple[torch.device, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _lut(device: torch.device) -> torch.Tensor:
     if device not in _LUTS:
         _LUTS[device] = TERNARY_CODE_TO_2BIT.to(device)
     return _LUTS[device]
-
-
-def _split_k_workspace(device: torch.device, n: int, row_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # fp32 partial sums [>= N] and int32 arrival counters [>= row blocks], zero between GEMV calls (the
-    # last program of each row block resets its part). One per (device, stream): GEMVs on one stream
-    # run in order, GEMVs on two streams must not share partial sums.
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-    key = (device, stream)
-    partial, arrived = _WORKSPACES.get(key, (None, None))
-    if partial is None or partial.numel() < n or arrived.numel() < row_blocks:
-        size = max(n, 0 if partial is None else partial.numel())
-        blocks = max(row_blocks, 0 if arrived is None else arrived.numel())
-        partial = torch.zeros(size, dtype=torch.float32, device=device)
-        arrived = torch.zeros(blocks, dtype=torch.int32, device=device)
-        _WORKSPACES[key] = (partial, arrived)
-    return partial, arrived
 
 
 def gemv_split_k(n: int, k: int, block_n: int, block_k: int) -> int:
@@ -172,17 +163,7 @@ def _gemv_kernel(
         g = (k0 + offs_s * 128 + offs_g * (128 // NGS)) // GROUP  # [S, NGS, 1, 1, 1] scale group
         scale = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask & s_valid, other=0.0).to(tl.float32)
         acc += tl.sum(tl.sum(tl.sum(sums * scale, axis=2), axis=1), axis=0)
-    last = True
-    if SPLIT_K > 1:
-        # The program that adds the last partial sums of this row block takes the total and leaves the
-        # workspace and its counter at zero for the next call: no memset or epilogue kernel.
-        tl.atomic_add(partial_ptr + offs_n, acc, mask=n_mask, sem="relaxed")
-        tl.debug_barrier()
-        last = tl.atomic_add(arrived_ptr + tl.program_id(0), 1, sem="acq_rel") == SPLIT_K - 1
-        if last:
-            acc = tl.load(partial_ptr + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")  # from L2
-            tl.store(partial_ptr + offs_n, tl.zeros_like(acc), mask=n_mask)
-            tl.store(arrived_ptr + tl.program_id(0), 0)
+    acc, last = last_split_total(acc, offs_n, n_mask, partial_ptr, arrived_ptr, tl.program_id(0), SPLIT_K)
     if last:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -295,7 +276,7 @@ def ternary_3of4_linear_triton(
         meta = {**GEMV_CONFIG, **(config or {})}
         split = meta.pop("SPLIT_K", None) or gemv_split_k(n, k, meta["BLOCK_N"], meta["BLOCK_K"])
         stages = meta.pop("num_stages")
-        partial, arrived = _split_k_workspace(x.device, n, triton.cdiv(n, meta["BLOCK_N"]))
+        partial, arrived = gemv_workspace(x.device, n, triton.cdiv(n, meta["BLOCK_N"]))
         out = x.new_empty((1, n))
         _gemv_kernel[(triton.cdiv(n, meta["BLOCK_N"]), split)](
             x2, packed.view(torch.int32), scales, _code_values(x.device), any_ptr if bias is None else bias, out,

@@ -147,12 +147,15 @@ def ptx_for_sm90() -> dict[str, str]:
     gemv = {"HAS_BIAS": True, "GROUP": 128, "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 1, "STAGES": 3}
     gemm = {"HAS_BIAS": True, "GROUP": 128, "DOT_PRECISION": "tf32", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}
     gemm["SPLIT_K"] = 1
+    workspace = {"partial_ptr": "*fp32", "arrived_ptr": "*i32"}
     return {
-        "int2_gemv": compile_ptx(int2_gemm._gemv_kernel, {**ptrs, "w_ptr": "*i32"}, {**gemv, "HAS_ZEROS": True}, 4, 3),
+        "int2_gemv": compile_ptx(
+            int2_gemm._gemv_kernel, {**ptrs, **workspace, "w_ptr": "*i32"}, {**gemv, "HAS_ZEROS": True}, 4, 3
+        ),
         "int2_gemm": compile_ptx(int2_gemm._gemm_kernel, ptrs, {**gemm, "HAS_ZEROS": True}, 4, 4),
         "ternary_gemv": compile_ptx(
             ternary_gemm._gemv_kernel,
-            {**ptrs, "w_ptr": "*i32", "t_ptr": "*fp32", "partial_ptr": "*fp32", "arrived_ptr": "*i32"},
+            {**ptrs, **workspace, "w_ptr": "*i32", "t_ptr": "*fp32"},
             {**gemv, "BLOCK_N": 256, "BLOCK_K": 128, "SPLIT_K": 8},
             1,
             3,
