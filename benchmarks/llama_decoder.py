@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from angel_compile.speculative.draft import RMSNorm
+
 
 @dataclass(frozen=True)
 class DecoderShape:
@@ -33,18 +35,8 @@ class DecoderShape:
         return self.hidden // self.heads
 
 
+NORM_EPS = 1e-5  # Llama-3's rms_norm_eps
 TINY = DecoderShape(hidden=64, intermediate=128, heads=4, kv_heads=2, layers=2, vocab=256)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, width: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(width))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -58,12 +50,12 @@ class Block(nn.Module):
         super().__init__()
         d, h, kv = shape.head_dim, shape.heads, shape.kv_heads
         self.shape = shape
-        self.attention_norm = RMSNorm(shape.hidden)
+        self.attention_norm = RMSNorm(shape.hidden, NORM_EPS)
         self.q_proj = nn.Linear(shape.hidden, h * d, bias=False)
         self.k_proj = nn.Linear(shape.hidden, kv * d, bias=False)
         self.v_proj = nn.Linear(shape.hidden, kv * d, bias=False)
         self.o_proj = nn.Linear(h * d, shape.hidden, bias=False)
-        self.mlp_norm = RMSNorm(shape.hidden)
+        self.mlp_norm = RMSNorm(shape.hidden, NORM_EPS)
         self.gate_proj = nn.Linear(shape.hidden, shape.intermediate, bias=False)
         self.up_proj = nn.Linear(shape.hidden, shape.intermediate, bias=False)
         self.down_proj = nn.Linear(shape.intermediate, shape.hidden, bias=False)
@@ -99,7 +91,7 @@ class LlamaDecoder(nn.Module):
         self.shape = shape
         self.embed = nn.Embedding(shape.vocab, shape.hidden)
         self.blocks = nn.ModuleList(Block(shape) for _ in range(shape.layers))
-        self.norm = RMSNorm(shape.hidden)
+        self.norm = RMSNorm(shape.hidden, NORM_EPS)
         self.lm_head = nn.Linear(shape.hidden, shape.vocab, bias=False)
         inverse = 1.0 / shape.rope_theta ** (torch.arange(0, shape.head_dim, 2).float() / shape.head_dim)
         self.register_buffer("inverse_frequency", inverse, persistent=False)
