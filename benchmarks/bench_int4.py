@@ -9,8 +9,7 @@ reference. GB/s counts the bytes each side must move (weight, scales, zeros, x, 
     python benchmarks/bench_int4.py [--quick] [--sweep] [--variants]
 
 --sweep first times GEMV (M = 1) and small-M (M = 16) tile variants and prints them.
---variants times only M = 1: bf16 and every GEMV kernel variant (the byte kernel's
-GEMV_CONFIG and GEMV_VARIANTS: `_gemv_kernel` and `_gemv_words_kernel` tiles, split K), and
+--variants times only M = 1: bf16 and every GEMV tile in GEMV_VARIANTS (`_gemv_kernel`), and
 prints one table with each variant's speedup over bf16 from the same run, and, where torchao
 imports, torchao's own int4 weight-only linear (`Int4WeightOnlyConfig`, group 128, tile-packed
 format: the tinygemm kernel `aten._weight_int4pack_mm`) on the same weights.
@@ -49,28 +48,14 @@ GEMV_SWEEP = [
         (8, 1024, 4, 4),
     ]
 ]
-# M = 1 kernels compared by --variants: (KERNEL, BLOCK_N, BLOCK_K, SPLIT_K, warps, stages).
+# M = 1 tiles of the byte GEMV compared by --variants: (BLOCK_N, BLOCK_K, warps, stages). The int32-word
+# kernel this list also held was slower on every tile and was removed (benchmarks/RESULTS.md).
 GEMV_VARIANTS = [
-    {"KERNEL": kernel, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w, "num_stages": s}
-    for kernel, bn, bk, sk, w, s in [
-        ("bytes", 16, 512, 1, 4, 3),
-        ("words", 16, 512, 1, 4, 3),
-        ("words", 32, 512, 1, 4, 3),
-        ("words", 32, 256, 1, 4, 4),
-        ("words", 64, 256, 1, 8, 3),
-        ("words", 16, 1024, 1, 4, 3),
-        ("words", 8, 512, 1, 4, 3),
-        ("words", 32, 512, 2, 4, 3),
-        ("words", 64, 512, 2, 8, 3),
-        ("words", 64, 512, 4, 8, 3),
-        ("words", 32, 256, 4, 4, 4),
-        ("words", 128, 256, 4, 8, 3),
-        # one-warp programs with split K: the best INT2 / ternary GEMV tiles (RESULTS, issue 6); untimed here yet
-        ("bytes", 16, 512, 1, 1, 3),
-        ("bytes", 8, 512, 1, 1, 3),
-        ("words", 16, 512, 4, 1, 3),
-        ("words", 32, 512, 4, 1, 3),
-        ("words", 16, 256, 8, 1, 4),
+    {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": s}
+    for bn, bk, w, s in [
+        (16, 512, 4, 3),
+        (16, 512, 1, 3),
+        (8, 512, 1, 3),
     ]
 ]
 SMALL_M_SWEEP = [

@@ -11,16 +11,8 @@ int4 weight-only, chosen by M:
   (even, odd) element pairs, so the two nibbles of a byte meet their x without reordering
   the weight tile. The zero point leaves the inner loop: per group,
   Σ_k (q_k − z) s x_k = s (Σ_k q_k x_k − z Σ_k x_k).
-  `_gemv_words_kernel` (config KERNEL "words", `GEMV_WORDS_CONFIG`) reads the same packed rows
-  as little-endian int32 words, packed.view(int32) [N, K/8]: word j of row n holds
-  q[n, 8j + i] in bits 4i..4i+3 (byte b = bits 8b..8b+7 = packed[n, 4j + b], low nibble first),
-  so no repacking is needed. Per word: one shift (nibbles 4..7 down to bits 0..15); per nibble
-  i: mask in place and OR the exponent of 2^23 (one LOP3), which reads 2^23 + q · 2^(4(i%4));
-  one FADD subtracts 2^23 + z · 2^(4(i%4)), leaving (q − z) · 2^(4(i%4)) exactly; one FFMA
-  with x[8j + i] · 2^(−4(i%4)) (exact: a power of two). The group's partial dot is then scaled
-  once. SPLIT_K > 1 splits the K tiles across programs (fp32 atomics into a zeroed buffer)
-  where N / BLOCK_N programs are too few. On an H100 every word-kernel tile timed so far was
-  slower than the byte kernel (benchmarks/RESULTS.md, INT4 GEMV); GEMV_CONFIG picks the kernel.
+  An int32-word variant (one LOP3 + FADD + FFMA per nibble, split K) was slower in every H100
+  sweep and was removed; its numbers are in benchmarks/RESULTS.md (INT4 GEMV).
 - 1 < M < 256, `_gemm_kernel`: the byte tile is unpacked in registers, interleaved back into
   k order (tl.join + reshape), dequantized ((q − z) · s, one group per K tile) to x's dtype
   and multiplied on tensor cores (`tl.dot`). For M <= 16 a 16-row tile covers every row, so W
@@ -48,10 +40,7 @@ from angel_compile.kernels.tiling import grouped_tile
 from angel_compile.ops.int4 import quantize_fp8_rows
 
 # M == 1: one fixed tile, the best of a 6-tile sweep on an H100 (benchmarks/RESULTS.md, INT4).
-GEMV_CONFIG = {"KERNEL": "bytes", "BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
-# M == 1 through `_gemv_words_kernel` (int32 word loads, split K): slower than GEMV_CONFIG in
-# the H100 sweeps so far; `benchmarks/bench_int4.py --variants` compares them in one run.
-GEMV_WORDS_CONFIG = {"KERNEL": "words", "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3}
+GEMV_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
 # M <= 16: one 16-row tile; SPLIT_K is chosen per shape by `split_k_for`.
 SMALL_M_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
 DEQUANTIZE_MIN_M = 256  # from here on: dequantize W, then cuBLAS
@@ -133,58 +122,6 @@ def _gemv_kernel(
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
-
-
-@triton.jit
-def _gemv_words_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
-    N, K, stride_wn, stride_sn,
-    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
-):  # fmt: skip
-    # w: the packed rows read as int32 words [N, K/8] (stride_wn in words); nibble i of word j
-    # (bits 4i..4i+3) is q[8j + i]. No byte extraction: per word one shift, then per nibble one
-    # LOP3 (mask | exponent), one FADD that also removes the zero point, one FFMA.
-    NG: tl.constexpr = BLOCK_K // GROUP  # groups per K tile
-    WPG: tl.constexpr = GROUP // 8  # words per group row
-    pid_n = tl.program_id(0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    offs_g = tl.arange(0, NG)  # [NG]
-    n_mask = offs_n < N
-    w_ptrs = w_ptr + offs_n[:, None, None] * stride_wn + (offs_g[:, None] * WPG + tl.arange(0, WPG)[None, :])[None]
-    x_offs = offs_g[:, None] * GROUP + tl.arange(0, WPG)[None, :] * 8  # [NG, WPG]: k of each word's nibble 0
-    sz_offs = offs_n[:, None] * stride_sn + offs_g[None, :]  # [BLOCK_N, NG]
-    groups = K // GROUP
-    t_begin, t_end = split_k_tiles(tl.cdiv(groups, NG), tl.program_id(1), SPLIT_K)
-    acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
-    for t in tl.range(t_begin, t_end, num_stages=STAGES):
-        g0 = t * NG
-        g_mask = g0 + offs_g < groups  # [NG]
-        ng_mask = n_mask[:, None] & g_mask[None, :]  # [BLOCK_N, NG]
-        words = tl.load(w_ptrs + g0 * WPG, mask=ng_mask[:, :, None], other=0, eviction_policy="evict_first")
-        words = words.to(tl.uint32, bitcast=True)  # [BLOCK_N, NG, WPG]
-        high = words >> 16  # nibbles 4..7 moved to bits 0..15
-        if HAS_ZEROS:
-            zero = tl.load(z_ptr + sz_offs + g0, mask=ng_mask, other=0).to(tl.float32)[:, :, None]
-        else:
-            zero = 8.0
-        dot = tl.zeros((BLOCK_N, NG, GROUP // 8), dtype=tl.float32)
-        for i in tl.static_range(8):
-            shift = 4 * (i % 4)  # constexpr
-            # Masked in place, the nibble is q · 2^shift inside the mantissa of 2^23 (shift <= 12):
-            # 2^23 + q · 2^shift − (2^23 + z · 2^shift) = (q − z) · 2^shift exactly; x carries 2^−shift.
-            src = words if i < 4 else high
-            bits = (src & (0xF << shift)) | 0x4B000000
-            w = bits.to(tl.float32, bitcast=True) - (8388608.0 + zero * (1 << shift))
-            x = tl.load(x_ptr + g0 * GROUP + x_offs + i, mask=g_mask[:, None], other=0.0).to(tl.float32)
-            dot += w * (x * (1.0 / (1 << shift)))[None, :, :]
-        scale = tl.load(s_ptr + sz_offs + g0, mask=ng_mask, other=0.0).to(tl.float32)
-        acc += tl.sum(dot, axis=2) * scale  # one scale multiply per group
-    y = tl.sum(acc, axis=1)  # [BLOCK_N]
-    if HAS_BIAS:
-        if tl.program_id(1) == 0:
-            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    store_or_add(out_ptr + offs_n, y, n_mask, SPLIT_K)
 
 
 @triton.jit
@@ -333,32 +270,6 @@ def _launch(
     return finish_split_k(out, bias, split, out_dtype)
 
 
-def _gemv_words(
-    x2: torch.Tensor,
-    packed: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    group_size: int,
-    bias: torch.Tensor | None,
-    meta: dict,
-) -> torch.Tensor:
-    """M == 1 through `_gemv_words_kernel`: x2 [1, K] -> [1, N] in x's dtype."""
-    n, k = packed.shape[0], x2.shape[1]
-    words = packed.view(torch.int32)  # [N, K/8]: K % 16 == 0, so every row is whole words
-    meta = dict(meta)
-    split, stages = meta.pop("SPLIT_K", 1), meta.pop("num_stages")
-    # With split K the programs add fp32 partial sums into a zeroed buffer; the cast comes after.
-    out = split_k_output(1, n, split, x2.dtype, x2.device)
-    grid = (triton.cdiv(n, meta["BLOCK_N"]), split)
-    _gemv_words_kernel[grid](
-        x2, words, scales, scales if zeros is None else zeros, scales if bias is None else bias, out,
-        n, k, words.stride(0), scales.stride(0),
-        HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, GROUP=group_size, SPLIT_K=split, STAGES=stages,
-        **meta,
-    )  # fmt: skip
-    return out.to(x2.dtype)
-
-
 def int4_weight_only_linear_triton(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -385,9 +296,6 @@ def int4_weight_only_linear_triton(
     if m == 1:
         meta = {**GEMV_CONFIG, **(config or {})}
         meta["BLOCK_K"] = max(meta["BLOCK_K"], group_size)
-        if meta.pop("KERNEL") == "words":
-            return _gemv_words(x2, packed, scales, zeros, group_size, bias, meta).reshape(*lead, n)
-        meta.pop("SPLIT_K", None)
         stages = meta.pop("num_stages")
         out = torch.empty((1, n), dtype=x.dtype, device=x.device)
         grid = (triton.cdiv(n, meta["BLOCK_N"]),)

@@ -46,22 +46,6 @@ def test_gemv_path_matches_reference(dtype, n, k, group, symmetric, bias):
     assert relative_error(out, _expected(x, weight, b)) < BOUND[dtype]
 
 
-WORDS = {"KERNEL": "words", "BLOCK_N": 16, "BLOCK_K": 128}
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(
-    "n, k, group, symmetric, bias, split_k",
-    [(48, 256, 32, False, True, 1), (40, 320, 64, True, False, 2), (24, 1024, 128, False, True, 3)],
-)
-def test_gemv_words_kernel_matches_reference(dtype, n, k, group, symmetric, bias, split_k):
-    # K = 320: the last 128-wide tile holds one valid group; split K 3 of 8 tiles: a ragged split.
-    x, weight, b = _case(1, n, k, group, symmetric, dtype, bias)
-    out = int4_weight_only_linear_triton(x, *weight, b, config={**WORDS, "SPLIT_K": split_k})
-    assert out.dtype == dtype and out.shape == (1, n)
-    assert relative_error(out, _expected(x, weight, b)) < BOUND[dtype]
-
-
 def test_gemv_default_config():
     x, weight, b = _case(1, 40, 1024 + 128, 128, False, torch.float32, True)
     out = int4_weight_only_linear_triton(x, *weight, b)
@@ -111,12 +95,9 @@ def test_every_nibble_and_zero_point_converts_exactly():
     out = int4_weight_only_linear_triton(x, packed, scales, zeros, 32, None, config=GEMM)
     expected = codes.float()[:, :16].T - zeros.float().T  # out[i, n] = codes[n, i] - zero[n]
     assert torch.equal(out, expected)
-    out = int4_weight_only_linear_triton(x[:1], packed, scales, zeros, 32, None, config={"BLOCK_N": 16})
-    assert torch.equal(out, expected[:1])
-    for row in range(8):  # every nibble position of a word in the words kernel
-        for config in (WORDS, {**WORDS, "SPLIT_K": 2}):
-            out = int4_weight_only_linear_triton(x[row : row + 1], packed, scales, zeros, 32, None, config=config)
-            assert torch.equal(out, expected[row : row + 1]), (row, config)
+    for row in range(8):  # the GEMV (M = 1): low and high nibbles of bytes in every position
+        out = int4_weight_only_linear_triton(x[row : row + 1], packed, scales, zeros, 32, None, config={"BLOCK_N": 16})
+        assert torch.equal(out, expected[row : row + 1]), row
 
 
 def ptx_for_sm90() -> dict[str, str]:
@@ -142,13 +123,11 @@ def ptx_for_sm90() -> dict[str, str]:
 
     common = {"HAS_ZEROS": True, "HAS_BIAS": True, "GROUP": 128}
     gemv = {**common, "EVEN_K": True, "BLOCK_N": 16, "BLOCK_K": 512, "STAGES": 3}
-    words = {**common, "BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 1, "STAGES": 3}
     gemm = {**common, "DOT_PRECISION": "tf32", "GROUP_M": 8, "SPLIT_K": 1}
     small_m = {**gemm, "W4A8": False, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}
     w4a8 = {**gemm, "W4A8": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}
     return {
         "gemv": compile_ptx(kernels._gemv_kernel, pointers("bf16"), gemv, 4, 1),
-        "gemv_words": compile_ptx(kernels._gemv_words_kernel, {**pointers("bf16"), "w_ptr": "*i32"}, words, 4, 3),
         "small_m": compile_ptx(kernels._gemm_kernel, pointers("bf16"), small_m, 4, 4),
         "w4a8": compile_ptx(kernels._gemm_kernel, pointers("fp8e4nv"), w4a8, 8, 3),
     }
@@ -156,9 +135,7 @@ def ptx_for_sm90() -> dict[str, str]:
 
 def test_sm90_code_has_the_intended_instructions():
     ptx = ptx_from_fresh_process(__name__)
-    assert "cp.async" in ptx["gemv"] and "cp.async" in ptx["gemv_words"]  # the pipelined weight stream
-    # The words kernel never extracts bytes: no prmt, one shared-memory vector load per 4 words.
-    assert "prmt" not in ptx["gemv_words"] and "ld.shared.v4.b32" in ptx["gemv_words"]
+    assert "cp.async" in ptx["gemv"]  # the pipelined weight stream
     assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx["small_m"]
     assert "wgmma.mma_async" in ptx["w4a8"] and "e4m3" in ptx["w4a8"]  # FP8 tensor cores
     for path, text in ptx.items():
@@ -181,20 +158,6 @@ def test_bf16_on_gpu_matches_reference(m, n, k):
     assert relative_error(out, _expected(x, weight, bias)) < 1e-2  # bf16 rounding, ~3e-3
     out = torch.ops.angel.w4a8_linear(x, *weight, None, bias)
     assert relative_error(out, w4a8_linear_reference(x.float(), *weight, None, bias.float())) < 1e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("split_k", [1, 4])
-@pytest.mark.parametrize("n, k", [(14336, 4096), (4096, 14336), (1000, 1024)])
-def test_bf16_words_gemv_on_gpu_matches_reference(n, k, split_k):
-    q = quantize_int4_rtn(torch.randn(n, k, device="cuda"), 128, scale_dtype=torch.bfloat16)
-    x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
-    bias = torch.randn(n, dtype=torch.bfloat16, device="cuda")
-    weight = (q.packed, q.scales, q.zeros, 128)
-    config = {**kernels.GEMV_WORDS_CONFIG, "SPLIT_K": split_k}
-    out = int4_weight_only_linear_triton(x, *weight, bias, config=config)
-    assert out.dtype == torch.bfloat16
-    assert relative_error(out, _expected(x, weight, bias)) < 1e-2
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
