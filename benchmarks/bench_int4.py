@@ -9,10 +9,11 @@ reference. GB/s counts the bytes each side must move (weight, scales, zeros, x, 
     python benchmarks/bench_int4.py [--quick] [--sweep] [--variants]
 
 --sweep first times GEMV (M = 1) and small-M (M = 16) tile variants and prints them.
---variants times only M = 1: bf16 and every GEMV tile in GEMV_VARIANTS (`_gemv_kernel`), and
-prints one table with each variant's speedup over bf16 from the same run, and, where torchao
-imports, torchao's own int4 weight-only linear (`Int4WeightOnlyConfig`, group 128, tile-packed
-format: the tinygemm kernel `aten._weight_int4pack_mm`) on the same weights.
+--variants times only M = 1: bf16, every byte-GEMV tile in GEMV_VARIANTS (`int4_gemm`) and every
+K-major GEMV tile in KMAJOR_VARIANTS (`int4_kmajor`, the layout the CUDA recipes use), and prints
+one table with each variant's speedup over bf16 from the same run, and, where torchao imports,
+torchao's own int4 weight-only linear (`Int4WeightOnlyConfig`, group 128, tile-packed format: the
+tinygemm kernel `aten._weight_int4pack_mm`) on the same weights.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ import triton.testing
 
 from angel_compile.kernels import int4_gemm
 from angel_compile.kernels.int4_gemm import int4_weight_only_linear_triton, w4a8_linear_triton
+from angel_compile.kernels.int4_kmajor import int4_kmajor_linear_triton
 from angel_compile.ops.int4 import int4_weight_only_linear_reference, quantize_int4_rtn, w4a8_linear_reference
+from angel_compile.ops.int4_kmajor import to_kmajor
 
 # (role, N, K): out × in features. The issue writes them as K×N: 4096×14336 and 14336×4096.
 SHAPES = [("gate/up", 14336, 4096), ("down", 4096, 14336)]
@@ -65,6 +68,18 @@ SMALL_M_SWEEP = [
         (64, 128, 4, 4, 4),
         (32, 128, 4, 4, 4),
         (64, 128, 4, 3, 8),
+    ]
+]
+# M = 1 tiles of the K-major GEMV (kernels/int4_kmajor.py) compared by --variants; without SPLIT_K
+# the launcher's `gemv_split` (about two groups a split). The first is the default.
+KMAJOR_VARIANTS = [
+    {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": 1, **({"SPLIT_K": sk} if sk else {})}
+    for bn, bk, w, sk in [
+        (64, 16, 1, None),
+        (64, 32, 1, None),
+        (128, 16, 1, None),
+        (64, 16, 1, 32),
+        (64, 16, 2, None),
     ]
 ]
 # M >= 64: the autotuned tl.dot kernel vs dequantize + cuBLAS
@@ -174,14 +189,28 @@ def _variants(rep: int) -> None:
                     y = int4_weight_only_linear_triton(x, q.packed, q.scales, q.zeros, GROUP, bias, config=config)
                 return y
 
-            try:
-                error = _error(int4(qs=qs[:1]), expected)
-                us = _time(int4, rep) * 1e3 / copies
-            except Exception as exc:  # a tile that does not compile or fit: report it, time the rest
-                print(f"| {role} {n}×{k} | {name} | failed: {type(exc).__name__}: {str(exc)[:80]} | | | |")
-                continue
-            gbps = int4_bytes / us / 1e3
-            print(f"| {role} {n}×{k} | {name} | {us:.2f} | {bf16_us / us:.2f}× | {gbps:,.0f} | {error:.1e} |")
+            _variant_row(role, n, k, f"bytes {name}", int4, qs, expected, bf16_us, int4_bytes, copies, rep)
+        kmajor = [to_kmajor(q.packed, q.scales, q.zeros) for q in qs]
+        for config in KMAJOR_VARIANTS:
+            name = " ".join(f"{key}={value}" for key, value in config.items())
+
+            def int4_kmajor(x=x, qs=kmajor, config=config, bias=bias) -> torch.Tensor:
+                for words, scales, zeros in qs:
+                    y = int4_kmajor_linear_triton(x, words, scales, zeros, GROUP, bias, config=config)
+                return y
+
+            _variant_row(role, n, k, f"K-major {name}", int4_kmajor, kmajor, expected, bf16_us, int4_bytes, copies, rep)
+
+
+def _variant_row(role, n, k, name, fn, qs, expected, bf16_us, int4_bytes, copies, rep) -> None:
+    try:
+        error = _error(fn(qs=qs[:1]), expected)
+        us = _time(fn, rep) * 1e3 / copies
+    except Exception as exc:  # a tile that does not compile or fit: report it, time the rest
+        print(f"| {role} {n}×{k} | {name} | failed: {type(exc).__name__}: {str(exc)[:80]} | | | |")
+        return
+    gbps = int4_bytes / us / 1e3
+    print(f"| {role} {n}×{k} | {name} | {us:.2f} | {bf16_us / us:.2f}× | {gbps:,.0f} | {error:.1e} |", flush=True)
 
 
 def main() -> None:
@@ -206,6 +235,7 @@ def main() -> None:
         copies = math.ceil(ROTATED_BYTES / (n * k * 2))
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         quantized = [quantize_int4_rtn(w, GROUP) for w in weights]
+        kmajor = [to_kmajor(q.packed, q.scales, q.zeros) for q in quantized]
         for m in BATCHES:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             errors = {}
@@ -217,6 +247,11 @@ def main() -> None:
                 errors["int4"] = _error(int4_weight_only_linear_triton(x, *weight, None), expected)
                 expected = w4a8_linear_reference(x.float(), *weight, None, None)
                 errors["w4a8"] = _error(w4a8_linear_triton(x, *weight, None, None), expected)
+                words, scales, zeros = to_kmajor(q.packed, q.scales, q.zeros)
+                expected = int4_weight_only_linear_reference(
+                    x.double(), q.packed, q.scales.double(), q.zeros, GROUP, None
+                )
+                errors["kmajor"] = _error(int4_kmajor_linear_triton(x, words, scales, zeros, GROUP, None), expected)
                 assert max(errors.values()) < MAX_REL_ERROR, (role, m, errors)
 
             def bf16(x=x, weights=weights) -> None:
@@ -231,24 +266,29 @@ def main() -> None:
                 for q in quantized:
                     w4a8_linear_triton(x, q.packed, q.scales, q.zeros, GROUP, None, None)
 
-            times = {
-                name: _time(fn, rep) * 1e3 / copies for name, fn in (("bf16", bf16), ("int4", int4), ("w4a8", w4a8))
-            }
+            def int4_kmajor(x=x, kmajor=kmajor) -> None:
+                for words, scales, zeros in kmajor:
+                    int4_kmajor_linear_triton(x, words, scales, zeros, GROUP, None)
+
+            fns = (("bf16", bf16), ("int4", int4), ("kmajor", int4_kmajor), ("w4a8", w4a8))
+            times = {name: _time(fn, rep) * 1e3 / copies for name, fn in fns}
             activations = (m * k + m * n) * 2
             int4_bytes = n * k // 2 + 3 * n * (k // GROUP) + activations  # bf16 scales + uint8 zeros
-            gbps = {"bf16": (n * k * 2 + activations) / times["bf16"] / 1e3, "int4": int4_bytes / times["int4"] / 1e3}
+            bf16_bytes = n * k * 2 + activations
+            gbps = {"bf16": bf16_bytes / times["bf16"] / 1e3, "kmajor": int4_bytes / times["kmajor"] / 1e3}
             rows.append((role, n, k, m, times, gbps, errors))
     print("\nCUDA-graph medians per weight copy (µs); speedup = bf16 time / int4 time.")
-    columns = ["shape (N×K)", "M", "bf16 µs", "int4 µs", "int4 speedup", "w4a8 µs", "w4a8 speedup"]
-    columns += ["bf16 GB/s", "int4 GB/s", "int4 TFLOP/s", "rel. err int4 / w4a8"]
+    print("int4: row-major bytes (ops/int4.py); K-major: the words of ops/int4_kmajor.py (CUDA default).")
+    columns = ["shape (N×K)", "M", "bf16 µs", "int4 µs", "int4 speedup", "K-major µs", "K-major speedup"]
+    columns += ["w4a8 µs", "w4a8 speedup", "bf16 GB/s", "K-major GB/s", "rel. err int4 / K-major / w4a8"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for role, n, k, m, t, gbps, errors in rows:
-        tflops = 2 * m * n * k / t["int4"] / 1e6
         print(
             f"| {role} {n}×{k} | {m} | {t['bf16']:.1f} | {t['int4']:.1f} | {t['bf16'] / t['int4']:.2f}× | "
-            f"{t['w4a8']:.1f} | {t['bf16'] / t['w4a8']:.2f}× | {gbps['bf16']:,.0f} | {gbps['int4']:,.0f} | "
-            f"{tflops:.0f} | {errors['int4']:.1e} / {errors['w4a8']:.1e} |"
+            f"{t['kmajor']:.1f} | {t['bf16'] / t['kmajor']:.2f}× | {t['w4a8']:.1f} | {t['bf16'] / t['w4a8']:.2f}× | "
+            f"{gbps['bf16']:,.0f} | {gbps['kmajor']:,.0f} | "
+            f"{errors['int4']:.1e} / {errors['kmajor']:.1e} / {errors['w4a8']:.1e} |"
         )
 
 

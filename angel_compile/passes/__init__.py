@@ -7,6 +7,6 @@ from angel_compile.passes import (
 )
 from angel_compile.passes.base import Pass, PassContext, PassResult, PassStats, register_pass
 from angel_compile.passes.manager import PassManager, PipelineReport
-from angel_compile.passes.quantize import quantize, weight_only  # noqa: F401  (registers the passes)
+from angel_compile.passes.quantize import kmajor_layout, quantize, weight_only  # noqa: F401  (registers the passes)
 
 __all__ = ["Pass", "PassContext", "PassManager", "PassResult", "PassStats", "PipelineReport", "register_pass"]

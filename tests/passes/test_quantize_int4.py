@@ -42,8 +42,8 @@ def toy_graph(toy_llama):
 
 
 def _quantize(toy_graph, recipe, batches=None):
-    """(graph, stats) after the recipe's quantize pass on a copy of the captured toy."""
-    (pass_,) = load_recipe(recipe).build_passes()
+    """(graph, stats) after the recipe's quantize pass (its first) on a copy of the captured toy."""
+    pass_ = load_recipe(recipe).build_passes()[0]
     result = pass_(copy.deepcopy(toy_graph), PassContext(calibration_data=batches))
     return result.graph_module, result.stats
 

@@ -13,16 +13,20 @@ from angel_compile.passes.graph_utils import copy_source_meta, erase_if_unused, 
 from angel_compile.passes.quantize.linear import LinearMatch
 
 
+def add_buffer(gm: fx.GraphModule, target: str, value: torch.Tensor, fake_mode: FakeTensorMode) -> fx.Node:
+    """Register `value` as buffer `target` and return a get_attr node for it at the graph's insertion point."""
+    set_attr_value(gm, target, value)
+    node = gm.graph.get_attr(target)
+    set_tensor_val(node, value, fake_mode)
+    return node
+
+
 def add_tensor(
     gm: fx.GraphModule, match: LinearMatch, suffix: str, value: torch.Tensor, fake_mode: FakeTensorMode
 ) -> fx.Node:
     """Register `value` as buffer `<layer>.<suffix>` and return a get_attr node placed before the layer."""
-    target = f"{match.layer}.{suffix}"
-    set_attr_value(gm, target, value)
     with gm.graph.inserting_before(match.node):
-        node = gm.graph.get_attr(target)
-    set_tensor_val(node, value, fake_mode)
-    return node
+        return add_buffer(gm, f"{match.layer}.{suffix}", value, fake_mode)
 
 
 def swap_linear(

@@ -1,0 +1,283 @@
+"""Triton kernels for `angel::int4_kmajor_linear` (INT4 group-wise, K-major words of `ops/int4_kmajor.py`).
+
+words int32 [K/8, N] (nibble i of words[r, n] is q[n, 8r + i]), scales [K/g, N], zeros uint8
+[K/g, N] or None (zero point 8). y [M, N] in x's dtype, fp32 accumulation, any M and N (masked
+edges), K % g == 0.
+
+- M == 1 (decode), `_gemv_kernel`, CUDA cores. A program owns BLOCK_N output channels and the
+  groups of one K split; it reads [BLOCK_K/8, BLOCK_N] word tiles, N contiguous, so a thread
+  holds whole words of a few channels and every tile, decoded or not, keeps the word tile's
+  thread layout (no shared-memory conversion). Nibble i of a word, masked in place at bits p =
+  4 (i % 4) (of word >> 16 for i >= 4), is the fp32 bit pattern of the subnormal q · 2^(p − 149),
+  exactly; x is scaled by 2^(85 − p), so each FFMA adds q x · 2^-64: one AND and one FFMA per
+  weight. A bf16 x becomes that scaled fp32 in one integer op, (bits << 16) + ((85 − p) << 23)
+  (adding to the exponent field). This needs FFMA without flush-to-zero (Triton's default) and
+  |x| < 2^43. The products of a group are scaled once per word; the zero point leaves the loop:
+  Σ_k (q_k − z) s x_k = s Σ_k q_k x_k − z s Σ_k x_k, and the last term is summed over the
+  split's groups after the loop from a [GPS, g] tile of x. SPLIT_K splits the groups over
+  programs: the H100 runs this kernel latency-bound, so the launch makes many short one-warp
+  programs of about two groups each (`gemv_split`); the split that finishes a channel block
+  last adds the bias and writes y (`split_k.last_split_total`), one launch per call.
+- 1 < M < 256, `_gemm_kernel`: each [BLOCK_K/8, BLOCK_N] word tile is unpacked by shifts to a
+  [BLOCK_K, BLOCK_N] code tile (k order), dequantized to x's dtype ((q − z) · s, one group per
+  K tile) and multiplied on tensor cores (`tl.dot`); one 16-row tile covers M <= 16 (W read
+  once); split K for the small-M tile as in `kernels/int4_gemm.py`.
+- M >= 256 (prefill, compute bound): `_dequantize_kernel` writes Wᵀ [K, N] in x's dtype and
+  cuBLAS multiplies.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from angel_compile.kernels.int4_gemm import DEQUANTIZE_MIN_M, _nibble_to_fp32
+from angel_compile.kernels.split_k import (
+    finish_split_k,
+    gemv_workspace,
+    last_split_total,
+    split_k_for,
+    split_k_output,
+    split_k_tiles,
+    store_or_add,
+)
+from angel_compile.kernels.tiling import grouped_tile
+
+# M == 1: one-warp programs of 64 channels, 16 k per word tile, about two groups per split: the
+# best of tile × split sweeps on an H100 with HBM-resident weights (benchmarks/RESULTS.md,
+# INT4 K-major GEMV). The kernel is latency-bound there; many short programs hide the loads.
+GEMV_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 1, "num_stages": 1}
+GEMV_GROUPS_PER_SPLIT = 2
+# 1 < M <= 16: one 16-row tile; SPLIT_K is chosen per shape by `split_k_for`.
+SMALL_M_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+# 16 < M < 256
+LARGE_M_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
+
+
+@triton.jit
+def _scaled_x(x_ptr, offs, NIBBLE: tl.constexpr):
+    """x[offs] as fp32 times 2^(85 − p), p = 4 (NIBBLE % 4): exact (a power of two)."""
+    EXPONENT: tl.constexpr = 85 - 4 * (NIBBLE % 4)
+    raw = tl.load(x_ptr + offs)
+    if x_ptr.dtype.element_ty == tl.bfloat16:
+        # bf16 bits << 16 are the fp32 bits of x; adding EXPONENT to the exponent field scales it.
+        bits = raw.to(tl.uint16, bitcast=True).to(tl.uint32) * 65536 + (EXPONENT << 23)
+        return bits.to(tl.float32, bitcast=True)
+    return raw.to(tl.float32) * (2.0**EXPONENT)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, partial_ptr, arrived_ptr,
+    N, K, stride_wk, stride_sk,
+    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GPS: tl.constexpr,
+    STAGES: tl.constexpr,
+):  # fmt: skip
+    ROWS: tl.constexpr = BLOCK_K // 8  # word rows per K tile
+    TILES: tl.constexpr = GROUP // BLOCK_K  # K tiles per group
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    offs_r = tl.arange(0, ROWS)  # [ROWS]
+    n_mask = offs_n < N
+    w_ptrs = w_ptr + offs_r[:, None] * stride_wk + offs_n[None, :]  # [ROWS, BLOCK_N]
+    g_begin, g_end = split_k_tiles(K // GROUP, tl.program_id(1), SPLIT_K)
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # Σ s q x · 2^-64 per word position
+    for g in tl.range(g_begin, g_end, num_stages=STAGES):
+        scale = tl.load(s_ptr + g * stride_sk + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        for t in tl.static_range(TILES):
+            row0 = g * (GROUP // 8) + t * ROWS
+            words = tl.load(w_ptrs + row0 * stride_wk, mask=n_mask[None, :], other=0, eviction_policy="evict_first")
+            words = words.to(tl.uint32, bitcast=True)
+            high = words >> 16  # nibbles 4..7 at bits 0..15
+            dot = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+            for i in tl.static_range(8):
+                if i < 4:
+                    src = words
+                else:
+                    src = high
+                w = (src & (15 << 4 * (i % 4))).to(tl.float32, bitcast=True)  # q · 2^(p − 149)
+                x = _scaled_x(x_ptr, (row0 + offs_r) * 8 + i, i)  # [ROWS]
+                dot = tl.fma(w, x[:, None], dot)  # explicit: FP fusion may be off by default
+            acc = tl.fma(dot, scale[None, :], acc)
+    total = tl.sum(acc, axis=0) * (2.0**64)  # [BLOCK_N]
+    # − Σ_g z s Σx over this split's groups (at most GPS of them)
+    offs_g = g_begin + tl.arange(0, GPS)
+    g_mask = offs_g < g_end
+    x_group = tl.load(x_ptr + offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :], mask=g_mask[:, None], other=0.0)
+    x_sum = tl.sum(x_group.to(tl.float32), axis=1)  # [GPS]
+    gn_mask = g_mask[:, None] & n_mask[None, :]
+    gn_offs = offs_g[:, None] * stride_sk + offs_n[None, :]
+    scales = tl.load(s_ptr + gn_offs, mask=gn_mask, other=0.0).to(tl.float32)  # [GPS, BLOCK_N]
+    if HAS_ZEROS:
+        zeros = tl.load(z_ptr + gn_offs, mask=gn_mask, other=0).to(tl.float32)
+    else:
+        zeros = 8.0
+    total -= tl.sum(zeros * scales * x_sum[:, None], axis=0)
+    y, last = last_split_total(total, offs_n, n_mask, partial_ptr, arrived_ptr, pid_n, SPLIT_K)
+    if last:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _unpack_tile(words):
+    """int32 words [R, BLOCK_N] -> fp32 codes [8R, BLOCK_N] in k order (row 8r + i = nibble i of row r)."""
+    ROWS: tl.constexpr = words.shape[0]
+    COLS: tl.constexpr = words.shape[1]
+    shifts = 4 * tl.arange(0, 8)
+    codes = (words[:, None, :] >> shifts[None, :, None]) & 0xF  # [R, 8, BLOCK_N]
+    return _nibble_to_fp32(tl.reshape(codes, (ROWS * 8, COLS)))
+
+
+@triton.jit
+def _gemm_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_xm, stride_wk, stride_sk, stride_om,
+    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    t_begin, t_end = split_k_tiles(K // BLOCK_K, tl.program_id(1), SPLIT_K)  # BLOCK_K divides GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    m_mask, n_mask = offs_m < M, offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + tl.arange(0, BLOCK_K // 8)[:, None] * stride_wk + offs_n[None, :]  # [BLOCK_K/8, BLOCK_N]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(t_begin, t_end):
+        k0 = t * BLOCK_K
+        x = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)
+        words = tl.load(w_ptrs + (k0 // 8) * stride_wk, mask=n_mask[None, :], other=0)
+        g = k0 // GROUP
+        scale = tl.load(s_ptr + g * stride_sk + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + g * stride_sk + offs_n, mask=n_mask, other=0).to(tl.float32)
+        else:
+            zero = tl.full((BLOCK_N,), 8.0, tl.float32)
+        w = ((_unpack_tile(words) - zero[None, :]) * scale[None, :]).to(x.dtype)  # [BLOCK_K, BLOCK_N]
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    store_or_add(out_ptrs, acc, m_mask[:, None] & n_mask[None, :], SPLIT_K)
+
+
+@triton.jit
+def _dequantize_kernel(
+    w_ptr, s_ptr, z_ptr, out_ptr, N, stride_wk, stride_sk, stride_ok,
+    HAS_ZEROS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # One group × BLOCK_N channels of Wᵀ [K, N] per program, written in out's dtype.
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = tl.program_id(1)
+    n_mask = offs_n < N
+    rows = g * (GROUP // 8) + tl.arange(0, GROUP // 8)
+    words = tl.load(w_ptr + rows[:, None] * stride_wk + offs_n[None, :], mask=n_mask[None, :], other=0)
+    scale = tl.load(s_ptr + g * stride_sk + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        zero = tl.load(z_ptr + g * stride_sk + offs_n, mask=n_mask, other=0).to(tl.float32)
+    else:
+        zero = tl.full((BLOCK_N,), 8.0, tl.float32)
+    w = (_unpack_tile(words) - zero[None, :]) * scale[None, :]  # [GROUP, BLOCK_N]
+    out_ptrs = out_ptr + (g * GROUP + tl.arange(0, GROUP))[:, None] * stride_ok + offs_n[None, :]
+    tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=n_mask[None, :])
+
+
+def dequantize_int4_kmajor_triton(
+    words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Wᵀ [K, N] in `dtype` from the K-major layout (CUDA)."""
+    k, n = words.shape[0] * 8, words.shape[1]
+    out = torch.empty((k, n), dtype=dtype, device=words.device)
+    block_n = 64
+    _dequantize_kernel[(triton.cdiv(n, block_n), k // group_size)](
+        words, scales, scales if zeros is None else zeros, out, n, words.stride(0), scales.stride(0), out.stride(0),
+        HAS_ZEROS=zeros is not None, GROUP=group_size, BLOCK_N=block_n,
+    )  # fmt: skip
+    return out
+
+
+def gemv_split(groups: int, groups_per_split: int = GEMV_GROUPS_PER_SPLIT) -> int:
+    """Splits of the K groups: the smallest power of two with at most `groups_per_split` groups each."""
+    split = 1
+    while split * groups_per_split < groups:
+        split *= 2
+    return split
+
+
+def _gemv(x2, words, scales, zeros, group_size, bias, config):
+    n, k = words.shape[1], x2.shape[1]
+    meta = {**GEMV_CONFIG, **(config or {})}
+    meta["BLOCK_K"] = min(meta["BLOCK_K"], group_size)
+    groups = k // group_size
+    split = meta.pop("SPLIT_K", None) or gemv_split(groups)
+    stages = meta.pop("num_stages")
+    row_blocks = triton.cdiv(n, meta["BLOCK_N"])
+    partial, arrived = gemv_workspace(x2.device, n, row_blocks)
+    out = x2.new_empty((1, n))
+    any_ptr = scales  # stands for absent tensors; never read when the flag is off
+    _gemv_kernel[(row_blocks, split)](
+        x2, words, scales, any_ptr if zeros is None else zeros, any_ptr if bias is None else bias, out,
+        partial, arrived, n, k, words.stride(0), scales.stride(0),
+        HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, GROUP=group_size, SPLIT_K=split,
+        GPS=triton.next_power_of_2(triton.cdiv(groups, split)), STAGES=stages, **meta,
+    )  # fmt: skip
+    return out
+
+
+def _gemm(x2, words, scales, zeros, group_size, bias, config):
+    m, k = x2.shape
+    n = words.shape[1]
+    meta = {**(SMALL_M_CONFIG if m <= 16 else LARGE_M_CONFIG), **(config or {})}
+    meta["BLOCK_K"] = min(meta["BLOCK_K"], group_size)
+    split = meta.pop("SPLIT_K", None)
+    if split is None:
+        split = split_k_for(n, k, meta["BLOCK_N"], meta["BLOCK_K"]) if m <= 16 else 1
+    out = split_k_output(m, n, split, x2.dtype, x2.device)
+    any_ptr = scales
+    grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
+    _gemm_kernel[grid](
+        x2, words, scales, any_ptr if zeros is None else zeros, any_ptr if bias is None or split > 1 else bias, out,
+        m, n, k, x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
+        HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None and split == 1, GROUP=group_size,
+        DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", GROUP_M=8, SPLIT_K=split, **meta,
+    )  # fmt: skip
+    return finish_split_k(out, bias, split, x2.dtype)
+
+
+def int4_kmajor_linear_triton(
+    x: torch.Tensor,
+    words: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """x [..., K] float -> [..., N] in x's dtype; weights as in ops/int4_kmajor.py.
+
+    `config` (BLOCK_* sizes, SPLIT_K, num_warps, num_stages) replaces the default tile of the
+    path M selects (M == 1: GEMV; M >= 256 without config: dequantize + cuBLAS; else the tl.dot
+    GEMM); tests and sweeps use it.
+    """
+    *lead, k = x.shape
+    n = words.shape[1]
+    x2 = x.reshape(-1, k).contiguous()  # [M, K]
+    words, scales = words.contiguous(), scales.contiguous()
+    zeros = None if zeros is None else zeros.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty((*lead, n))
+    if m == 1:
+        out = _gemv(x2, words, scales, zeros, group_size, bias, config)
+    elif m >= DEQUANTIZE_MIN_M and config is None:
+        w_t = dequantize_int4_kmajor_triton(words, scales, zeros, group_size, x.dtype)  # [K, N]
+        out = torch.addmm(bias, x2, w_t) if bias is not None else x2 @ w_t
+    else:
+        out = _gemm(x2, words, scales, zeros, group_size, bias, config)
+    return out.reshape(*lead, n)

@@ -1,0 +1,144 @@
+"""The K-major INT4 Triton kernels (kernels/int4_kmajor.py) vs the op reference: on CPU through the
+Triton interpreter (fp32 / fp16), ahead-of-time compiled for sm_90, and in bf16 on a GPU."""
+
+import pytest
+import torch
+import triton
+
+from angel_compile.kernels import int4_kmajor as kernels
+from angel_compile.kernels.int4_kmajor import gemv_split, int4_kmajor_linear_triton
+from angel_compile.ops.int4 import int4_weight_only_linear_reference, quantize_int4_rtn
+from angel_compile.ops.int4_kmajor import dequantize_int4_kmajor, to_kmajor
+from tests.utils import ptx_from_fresh_process, relative_error
+
+BOUND = {torch.float32: 1e-5, torch.float16: 2e-3}  # fp16: rounding of the output
+GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4}
+
+
+def _case(m: int, n: int, k: int, group: int, symmetric: bool, dtype: torch.dtype, bias: bool, device: str = "cpu"):
+    q = quantize_int4_rtn(torch.randn(n, k, device=device), group, symmetric, scale_dtype=dtype)
+    x = torch.randn(m, k, dtype=dtype, device=device)
+    b = torch.randn(n, dtype=dtype, device=device) if bias else None
+    # the row-major reference on the same codes, scales and zeros
+    b64 = None if b is None else b.double()
+    expected = int4_weight_only_linear_reference(x.double(), q.packed, q.scales.double(), q.zeros, group, b64)
+    return x, (*to_kmajor(q.packed, q.scales, q.zeros), group), b, expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "n, k, group, symmetric, bias, config",
+    [
+        (80, 256, 64, False, True, None),  # default tile: 2 channel blocks, the last one masked
+        (48, 384, 32, True, False, {"SPLIT_K": 5}),  # 12 groups over 5 splits: uneven, GPS = 4
+        (40, 256, 128, False, True, {"BLOCK_N": 16, "BLOCK_K": 128}),  # one K tile per group
+        (32, 128, 16, False, False, {"SPLIT_K": 8}),  # group 16: K tiles of 16 (2 word rows)
+    ],
+)
+def test_gemv_matches_reference(dtype, n, k, group, symmetric, bias, config):
+    x, weight, b, expected = _case(1, n, k, group, symmetric, dtype, bias)
+    out = int4_kmajor_linear_triton(x, *weight, b, config=config)
+    assert out.dtype == dtype and out.shape == (1, n)
+    assert relative_error(out, expected) < BOUND[dtype]
+
+
+def test_gemv_split_gives_each_split_about_two_groups():
+    assert gemv_split(32) == 16  # gate/up 14336×4096, group 128: 224 channel blocks × 16 programs
+    assert gemv_split(112) == 64  # down 4096×14336: 1.75 groups a split, the last 8 splits empty
+    assert gemv_split(3) == 2 and gemv_split(1) == 1
+
+
+def test_gemv_workspace_is_left_clean_between_calls():
+    # The last split of a channel block zeroes the shared partial sums; a second call on other
+    # weights must not see the first call's sums.
+    for seed in range(2):
+        torch.manual_seed(seed)
+        x, weight, b, expected = _case(1, 64, 512, 64, False, torch.float32, True)
+        assert relative_error(int4_kmajor_linear_triton(x, *weight, b, config={"SPLIT_K": 4}), expected) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "m, n, k, symmetric, bias, split_k",
+    [(3, 40, 128, False, True, 1), (16, 64, 256, True, False, 2), (33, 48, 128, False, True, 1)],
+)
+def test_gemm_matches_reference(dtype, m, n, k, symmetric, bias, split_k):
+    x, weight, b, expected = _case(m, n, k, 64, symmetric, dtype, bias)
+    out = int4_kmajor_linear_triton(x, *weight, b, config={**GEMM, "SPLIT_K": split_k})
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert relative_error(out, expected) < BOUND[dtype]
+
+
+def test_every_nibble_position_and_zero_point_converts_exactly():
+    # Codes 0..15 at every nibble position of a word, every zero point: exact in the GEMV
+    # (each x row selects one k) and in the GEMM.
+    codes = (torch.arange(16)[:, None] + torch.arange(32)[None, :]) % 16  # [N = 16, K = 32]
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+    zeros = torch.arange(16, dtype=torch.uint8)[:, None]  # row n: zero point n
+    words, scales, zeros_t = to_kmajor(packed, torch.ones(16, 1), zeros)
+    x = torch.eye(32)
+    expected = codes.float().T - zeros.float().T  # out[k, n] = codes[n, k] - zero[n]
+    assert torch.equal(int4_kmajor_linear_triton(x, words, scales, zeros_t, 32, None, config=GEMM), expected)
+    for row in range(32):
+        out = int4_kmajor_linear_triton(x[row : row + 1], words, scales, zeros_t, 32, None)
+        assert torch.equal(out, expected[row : row + 1]), row
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_dequantize_kernel_writes_the_transposed_weight(symmetric):
+    # The prefill path (M >= DEQUANTIZE_MIN_M) writes Wᵀ with this kernel, then cuBLAS multiplies.
+    q = quantize_int4_rtn(torch.randn(72, 256), 64, symmetric)
+    words, scales, zeros = to_kmajor(q.packed, q.scales, q.zeros)
+    out = kernels.dequantize_int4_kmajor_triton(words, scales, zeros, 64, torch.float32)
+    assert torch.equal(out, dequantize_int4_kmajor(words, scales, zeros, 64).T)
+
+
+def ptx_for_sm90() -> dict[str, str]:
+    """PTX of the bf16 GEMV (default tile, split K) and small-M GEMM for an H100 (no interpreter)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def compile_ptx(fn, constexprs: dict, num_warps: int, num_stages: int) -> str:
+        types = dict(
+            x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", z_ptr="*u8", bias_ptr="*bf16", out_ptr="*bf16",
+            partial_ptr="*fp32", arrived_ptr="*i32",
+        )  # fmt: skip
+        signature = {a: types.get(a, "constexpr" if a in constexprs else "i32") for a in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if signature[a] != "constexpr"}
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        options = {"num_warps": num_warps, "num_stages": num_stages}
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+    common = {"HAS_ZEROS": True, "HAS_BIAS": True, "GROUP": 128}
+    gemv = {**common, **kernels.GEMV_CONFIG, "SPLIT_K": 16, "GPS": 2, "STAGES": 1}
+    del gemv["num_warps"], gemv["num_stages"]
+    gemm = {**common, "DOT_PRECISION": "tf32", "GROUP_M": 8, "SPLIT_K": 1, "BLOCK_M": 16, "BLOCK_N": 64}
+    return {
+        "gemv": compile_ptx(kernels._gemv_kernel, gemv, 1, 1),
+        "small_m": compile_ptx(kernels._gemm_kernel, {**gemm, "BLOCK_K": 128}, 4, 4),
+    }
+
+
+def test_sm90_code_has_the_intended_instructions():
+    ptx = ptx_from_fresh_process(__name__)
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx["small_m"]
+    gemv = ptx["gemv"]
+    # Subnormal decoding needs FFMA without flush-to-zero. In the loop a bf16 x is scaled by an
+    # integer multiply-add on its bits, never converted by cvt (the 16 cvts left are the
+    # epilogue's Σx tile). No tile goes through shared memory; words load 16 bytes at a time.
+    assert ".ftz" not in gemv
+    assert gemv.count("cvt.f32.bf16") <= 16
+    assert "ld.shared" not in gemv and "st.shared" not in gemv
+    assert "evict_first.L2::cache_hint.v4.b32" in gemv
+    # One FFMA per weight: a thread holds 1 word row × 4 channels of a K tile, 8 tiles a group.
+    assert gemv.count("fma.rn.f32") >= 8 * 4 * 8
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 5, 16, 256])
+@pytest.mark.parametrize("n, k", [(4096, 4096), (14336, 4096), (4096, 14336), (1000, 1024)])
+def test_bf16_on_gpu_matches_reference(m, n, k):
+    x, weight, bias, expected = _case(m, n, k, 128, False, torch.bfloat16, True, device="cuda")
+    out = torch.ops.angel.int4_kmajor_linear(x, *weight, bias)  # dispatches to the Triton kernel
+    assert out.dtype == torch.bfloat16
+    assert relative_error(out, expected) < 1e-2  # bf16 rounding, ~3e-3
