@@ -10,7 +10,7 @@ reference. GB/s counts the bytes each side must move (weight, scales, zeros, x, 
 
 --sweep first times GEMV (M = 1) and small-M (M = 16) tile variants and prints them.
 --variants times only M = 1: bf16, every byte-GEMV tile in GEMV_VARIANTS (`int4_gemm`) and every
-K-major GEMV tile in KMAJOR_VARIANTS (`int4_kmajor`, the layout the CUDA recipes use), and prints
+K-major GEMV tile in KMAJOR_VARIANTS (`kmajor_gemm`, the layout the CUDA recipes use), and prints
 one table with each variant's speedup over bf16 from the same run, and, where torchao imports,
 torchao's own int4 weight-only linear (`Int4WeightOnlyConfig`, group 128, tile-packed format: the
 tinygemm kernel `aten._weight_int4pack_mm`) on the same weights.
@@ -29,9 +29,9 @@ import triton.testing
 
 from angel_compile.kernels import int4_gemm
 from angel_compile.kernels.int4_gemm import int4_weight_only_linear_triton, w4a8_linear_triton
-from angel_compile.kernels.int4_kmajor import int4_kmajor_linear_triton
+from angel_compile.kernels.kmajor_gemm import kmajor_linear_triton
 from angel_compile.ops.int4 import int4_weight_only_linear_reference, quantize_int4_rtn, w4a8_linear_reference
-from angel_compile.ops.int4_kmajor import to_kmajor
+from angel_compile.ops.kmajor import to_kmajor
 
 # (role, N, K): out × in features. The issue writes them as K×N: 4096×14336 and 14336×4096.
 SHAPES = [("gate/up", 14336, 4096), ("down", 4096, 14336)]
@@ -70,7 +70,7 @@ SMALL_M_SWEEP = [
         (64, 128, 4, 3, 8),
     ]
 ]
-# M = 1 tiles of the K-major GEMV (kernels/int4_kmajor.py) compared by --variants; without SPLIT_K
+# M = 1 tiles of the K-major GEMV (kernels/kmajor_gemm.py) compared by --variants; without SPLIT_K
 # the launcher's `gemv_split` (about two groups a split). The first is the default.
 KMAJOR_VARIANTS = [
     {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": 1, **({"SPLIT_K": sk} if sk else {})}
@@ -190,13 +190,13 @@ def _variants(rep: int) -> None:
                 return y
 
             _variant_row(role, n, k, f"bytes {name}", int4, qs, expected, bf16_us, int4_bytes, copies, rep)
-        kmajor = [to_kmajor(q.packed, q.scales, q.zeros) for q in qs]
+        kmajor = [to_kmajor(q.packed, q.scales, q.zeros, 4) for q in qs]
         for config in KMAJOR_VARIANTS:
             name = " ".join(f"{key}={value}" for key, value in config.items())
 
             def int4_kmajor(x=x, qs=kmajor, config=config, bias=bias) -> torch.Tensor:
                 for words, scales, zeros in qs:
-                    y = int4_kmajor_linear_triton(x, words, scales, zeros, GROUP, bias, config=config)
+                    y = kmajor_linear_triton(x, words, scales, zeros, 4, GROUP, bias, config=config)
                 return y
 
             _variant_row(role, n, k, f"K-major {name}", int4_kmajor, kmajor, expected, bf16_us, int4_bytes, copies, rep)
@@ -235,7 +235,7 @@ def main() -> None:
         copies = math.ceil(ROTATED_BYTES / (n * k * 2))
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         quantized = [quantize_int4_rtn(w, GROUP) for w in weights]
-        kmajor = [to_kmajor(q.packed, q.scales, q.zeros) for q in quantized]
+        kmajor = [to_kmajor(q.packed, q.scales, q.zeros, 4) for q in quantized]
         for m in BATCHES:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             errors = {}
@@ -247,11 +247,11 @@ def main() -> None:
                 errors["int4"] = _error(int4_weight_only_linear_triton(x, *weight, None), expected)
                 expected = w4a8_linear_reference(x.float(), *weight, None, None)
                 errors["w4a8"] = _error(w4a8_linear_triton(x, *weight, None, None), expected)
-                words, scales, zeros = to_kmajor(q.packed, q.scales, q.zeros)
+                words, scales, zeros = to_kmajor(q.packed, q.scales, q.zeros, 4)
                 expected = int4_weight_only_linear_reference(
                     x.double(), q.packed, q.scales.double(), q.zeros, GROUP, None
                 )
-                errors["kmajor"] = _error(int4_kmajor_linear_triton(x, words, scales, zeros, GROUP, None), expected)
+                errors["kmajor"] = _error(kmajor_linear_triton(x, words, scales, zeros, 4, GROUP, None), expected)
                 assert max(errors.values()) < MAX_REL_ERROR, (role, m, errors)
 
             def bf16(x=x, weights=weights) -> None:
@@ -268,7 +268,7 @@ def main() -> None:
 
             def int4_kmajor(x=x, kmajor=kmajor) -> None:
                 for words, scales, zeros in kmajor:
-                    int4_kmajor_linear_triton(x, words, scales, zeros, GROUP, None)
+                    kmajor_linear_triton(x, words, scales, zeros, 4, GROUP, None)
 
             fns = (("bf16", bf16), ("int4", int4), ("kmajor", int4_kmajor), ("w4a8", w4a8))
             times = {name: _time(fn, rep) * 1e3 / copies for name, fn in fns}
@@ -278,7 +278,7 @@ def main() -> None:
             gbps = {"bf16": bf16_bytes / times["bf16"] / 1e3, "kmajor": int4_bytes / times["kmajor"] / 1e3}
             rows.append((role, n, k, m, times, gbps, errors))
     print("\nCUDA-graph medians per weight copy (µs); speedup = bf16 time / int4 time.")
-    print("int4: row-major bytes (ops/int4.py); K-major: the words of ops/int4_kmajor.py (CUDA default).")
+    print("int4: row-major bytes (ops/int4.py); K-major: the words of ops/kmajor.py (CUDA default).")
     columns = ["shape (N×K)", "M", "bf16 µs", "int4 µs", "int4 speedup", "K-major µs", "K-major speedup"]
     columns += ["w4a8 µs", "w4a8 speedup", "bf16 GB/s", "K-major GB/s", "rel. err int4 / K-major / w4a8"]
     print("| " + " | ".join(columns) + " |")

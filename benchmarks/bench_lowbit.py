@@ -8,8 +8,9 @@ bf16, ternary ≥ 7× bf16 and faster than INT2.
 
     python -m benchmarks.bench_lowbit [--quick] [--batches 1,16] [--variants]
 
---variants times only M = 1: bf16 and every GEMV tile in `int2_gemm.GEMV_VARIANTS` and
-`ternary_gemm.GEMV_VARIANTS` (each checked against the reference first; one that fails to compile
+--variants times only M = 1: bf16 and every GEMV tile in `int2_gemm.GEMV_VARIANTS`,
+INT2_KMAJOR_VARIANTS (the K-major INT2 layout of `ops/kmajor.py`, which the int2-gptq recipe uses
+on CUDA) and `ternary_gemm.GEMV_VARIANTS` (each checked against the reference first; one that fails to compile
 or is wrong is reported as failed) and prints one table of same-run speedups over bf16.
 """
 
@@ -27,8 +28,10 @@ import triton.testing
 
 from angel_compile.kernels import int2_gemm, ternary_gemm
 from angel_compile.kernels.int2_gemm import int2_weight_only_linear_triton
+from angel_compile.kernels.kmajor_gemm import kmajor_linear_triton
 from angel_compile.kernels.ternary_gemm import ternary_3of4_linear_triton
 from angel_compile.ops.int2 import int2_weight_only_linear_reference, quantize_int2_rtn
+from angel_compile.ops.kmajor import to_kmajor
 from angel_compile.ops.ternary import quantize_ternary_3of4, ternary_3of4_linear_reference
 
 # (role, N, K): out × in features; the issue writes them as K×N: 4096×14336 and 14336×4096.
@@ -37,6 +40,14 @@ INT2_GROUP, TERNARY_GROUP = 64, 128
 ROTATED_BYTES = 200e6  # > 4x the L2 of an H100 (50 MB) or H200 (60 MB)
 MAX_REL_ERROR = 1e-2  # bf16 output rounding
 VARIANTS_REP = 30  # ms per CUDA-graph measurement in --variants: the whole table in < 3 minutes
+# K-major INT2 GEMV tiles (kernels/kmajor_gemm.py); {} is the default (4 word rows = 64 k per tile).
+INT2_KMAJOR_VARIANTS = {
+    "default": {},
+    "k32": {"BLOCK_K": 32},
+    "n128": {"BLOCK_N": 128},
+    "n128_k32": {"BLOCK_N": 128, "BLOCK_K": 32},
+    "split8": {"SPLIT_K": 8},
+}
 
 
 def _error(out: torch.Tensor, expected: torch.Tensor) -> float:
@@ -59,6 +70,17 @@ def _ternary_copies(bf16: list[torch.Tensor], n: int, k: int) -> list:
     while len(ternary) < _copies(n * k * 5 // 32):
         ternary.append(quantize_ternary_3of4(bf16[len(ternary) % len(bf16)] * 1.01, TERNARY_GROUP))
     return ternary
+
+
+class KMajorCopy:
+    """An Int2Weight's codes in the K-major layout (ops/kmajor.py): words, scales, zeros, nbytes()."""
+
+    def __init__(self, q) -> None:
+        self.words, self.scales, self.zeros = to_kmajor(q.packed, q.scales, q.zeros, 2)
+        self._nbytes = q.nbytes()
+
+    def nbytes(self) -> int:
+        return self._nbytes
 
 
 def _time_variant(run, expected: torch.Tensor, copies: int) -> tuple[float | None, str]:
@@ -100,6 +122,14 @@ def _variants() -> None:
             return y
 
         families.append(("int2", int2_gemm.GEMV_VARIANTS, run_int2, expected, int2))
+        int2_kmajor = [KMajorCopy(q) for q in int2]
+
+        def run_int2_kmajor(all_copies: bool, config: dict, copies=int2_kmajor, x=x) -> torch.Tensor:
+            for q in copies if all_copies else copies[:1]:
+                y = kmajor_linear_triton(x, q.words, q.scales, q.zeros, 2, INT2_GROUP, config=config)
+            return y
+
+        families.append(("int2 K-major", INT2_KMAJOR_VARIANTS, run_int2_kmajor, expected, int2_kmajor))
         ternary_variants = getattr(ternary_gemm, "GEMV_VARIANTS", {})
         if ternary_variants:
             ternary = _ternary_copies(bf16, n, k)
@@ -144,6 +174,7 @@ def main() -> None:
     for role, n, k in SHAPES:
         bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(_copies(n * k * 2))]
         int2, ternary = _int2_copies(bf16, n, k), _ternary_copies(bf16, n, k)
+        int2_kmajor = [KMajorCopy(q) for q in int2]
         for m in batches:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             q2, qt = int2[0], ternary[0]
@@ -169,6 +200,10 @@ def main() -> None:
                 for q in int2:
                     int2_weight_only_linear_triton(x, q.packed, q.scales, q.zeros, INT2_GROUP)
 
+            def run_int2_kmajor(x=x, copies=int2_kmajor) -> None:
+                for q in copies:
+                    kmajor_linear_triton(x, q.words, q.scales, q.zeros, 2, INT2_GROUP)
+
             def run_ternary(x=x, ternary=ternary) -> None:
                 for q in ternary:
                     ternary_3of4_linear_triton(x, q.packed, q.scales, TERNARY_GROUP)
@@ -176,24 +211,39 @@ def main() -> None:
             times = {
                 "bf16": triton.testing.do_bench_cudagraph(run_bf16, rep=rep, return_mode="median") * 1e3 / len(bf16),
                 "int2": triton.testing.do_bench_cudagraph(run_int2, rep=rep, return_mode="median") * 1e3 / len(int2),
+                "int2k": triton.testing.do_bench_cudagraph(run_int2_kmajor, rep=rep, return_mode="median")
+                * 1e3
+                / len(int2),
                 "ternary": triton.testing.do_bench_cudagraph(run_ternary, rep=rep, return_mode="median")
                 * 1e3
                 / len(ternary),
             }
+            qk = int2_kmajor[0]
+            errors["int2k"] = _error(
+                kmajor_linear_triton(x, qk.words, qk.scales, qk.zeros, 2, INT2_GROUP),
+                int2_weight_only_linear_reference(
+                    x.double(), q2.packed, q2.scales.double(), q2.zeros, INT2_GROUP, None
+                ),
+            )
+            assert errors["int2k"] < MAX_REL_ERROR, (role, m, errors)
             weight_bytes = {"bf16": n * k * 2, "int2": int2[0].nbytes(), "ternary": ternary[0].nbytes()}
+            weight_bytes["int2k"] = weight_bytes["int2"]
             rows.append((role, n, k, m, times, weight_bytes, errors))
     print("\nCUDA-graph medians per weight copy (µs); speedup = bf16 time / time; GB/s = weight bytes / time.")
-    columns = ["shape (N×K)", "M", "bf16 µs", "int2 µs", "int2 speedup", "ternary µs", "ternary speedup"]
-    columns += ["ternary / int2", "bf16 GB/s", "int2 GB/s", "ternary GB/s", "rel. err int2 / ternary"]
+    print("int2: row-major bytes (ops/int2.py); int2 K-major: the words of ops/kmajor.py (the CUDA recipe's layout).")
+    columns = ["shape (N×K)", "M", "bf16 µs", "int2 µs", "int2 speedup", "int2 K-major µs", "int2 K-major speedup"]
+    columns += ["ternary µs", "ternary speedup", "ternary / int2", "bf16 GB/s", "int2 K-major GB/s", "ternary GB/s"]
+    columns += ["rel. err int2 / K-major / ternary"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for role, n, k, m, t, b, e in rows:
         gbps = {name: b[name] / t[name] / 1e3 for name in t}
         print(
             f"| {role} {n}×{k} | {m} | {t['bf16']:.1f} | {t['int2']:.1f} | {t['bf16'] / t['int2']:.2f}× | "
+            f"{t['int2k']:.1f} | {t['bf16'] / t['int2k']:.2f}× | "
             f"{t['ternary']:.1f} | {t['bf16'] / t['ternary']:.2f}× | {t['int2'] / t['ternary']:.2f}× | "
-            f"{gbps['bf16']:,.0f} | {gbps['int2']:,.0f} | {gbps['ternary']:,.0f} | "
-            f"{e['int2']:.1e} / {e['ternary']:.1e} |"
+            f"{gbps['bf16']:,.0f} | {gbps['int2k']:,.0f} | {gbps['ternary']:,.0f} | "
+            f"{e['int2']:.1e} / {e['int2k']:.1e} / {e['ternary']:.1e} |"
         )
 
 

@@ -11,8 +11,8 @@ import torch
 from angel_compile.ops.fp8_linear import fp8_linear
 from angel_compile.ops.int2 import int2_weight_only_linear
 from angel_compile.ops.int4 import int4_weight_only_linear, w4a8_linear
-from angel_compile.ops.int4_kmajor import int4_kmajor_linear
 from angel_compile.ops.int8_weight_only import int8_weight_only_linear
+from angel_compile.ops.kmajor import int2_kmajor_linear, int4_kmajor_linear
 from angel_compile.ops.prune_tokens import prune_tokens
 from angel_compile.ops.sparse_attention import sparse_attention
 from angel_compile.ops.ternary import ternary_3of4_linear
@@ -81,18 +81,24 @@ def _int4_weight_only_linear_cuda(
     return int4_weight_only_linear_triton(x, packed, scales, zeros, group_size, bias)
 
 
-@int4_kmajor_linear.register_kernel("cuda")
-def _int4_kmajor_linear_cuda(
-    x: torch.Tensor,
-    words: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    group_size: int,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    from angel_compile.kernels.int4_kmajor import int4_kmajor_linear_triton
+def _kmajor_linear_cuda(bits: int):
+    def kmajor_linear_cuda(
+        x: torch.Tensor,
+        words: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None,
+        group_size: int,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        from angel_compile.kernels.kmajor_gemm import kmajor_linear_triton
 
-    return int4_kmajor_linear_triton(x, words, scales, zeros, group_size, bias)
+        return kmajor_linear_triton(x, words, scales, zeros, bits, group_size, bias)
+
+    return kmajor_linear_cuda
+
+
+int4_kmajor_linear.register_kernel("cuda")(_kmajor_linear_cuda(4))
+int2_kmajor_linear.register_kernel("cuda")(_kmajor_linear_cuda(2))
 
 
 @w4a8_linear.register_kernel("cuda")

@@ -1,10 +1,12 @@
-"""INT4 layers to the K-major word layout of the Triton decode kernels (pass `int4_kmajor_layout`).
+"""INT4 / INT2 layers to the K-major word layout of the Triton decode kernels (pass `kmajor_layout`).
 
-Matches: `angel::int4_weight_only_linear` nodes whose packed weight, scales and zero points are
-         buffers (get_attr) on a device type listed in `devices` (default: cuda).
-Emits:   `angel::int4_kmajor_linear(x, words, scales, zeros, group_size, bias)`, the same
-         weights in the layout of `ops/int4_kmajor.py`, as buffers `<layer>.weight_words` int32
-         [K/8, N], `<layer>.weight_scales_kmajor` [K/g, N] and `<layer>.weight_zeros_kmajor`
+Matches: `angel::int4_weight_only_linear` and `angel::int2_weight_only_linear` nodes whose packed
+         weight, scales and zero points are buffers (get_attr) on a device type listed in
+         `devices` (default: cuda).
+Emits:   `angel::int4_kmajor_linear` / `angel::int2_kmajor_linear(x, words, scales, zeros,
+         group_size, bias)`, the same weights in the layout of `ops/kmajor.py`, as buffers
+         `<layer>.weight_words` int32 [K/F, N] (F = 8 or 16 codes a word),
+         `<layer>.weight_scales_kmajor` [K/g, N] and `<layer>.weight_zeros_kmajor`
          uint8 [K/g, N]; the row-major buffers are deleted when nothing else reads them. The
          output is bit-for-bit the same function of x (exactly the same codes, scales, zeros).
 Leaves:  nodes whose weights are computed rather than stored, or stored on another device (a
@@ -20,32 +22,36 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from angel_compile.ops.int4_kmajor import to_kmajor
+from angel_compile.ops.kmajor import to_kmajor
 from angel_compile.passes.base import Pass, PassContext, PassResult, PassStats, get_attr_value, register_pass
 from angel_compile.passes.graph_utils import copy_source_meta, erase_if_unused, fake_mode_of, infer_val
 from angel_compile.passes.quantize.rewrite import add_buffer
 
-_ROW_MAJOR = torch.ops.angel.int4_weight_only_linear.default
-_KMAJOR = torch.ops.angel.int4_kmajor_linear.default
+# row-major op -> (bits, K-major op)
+_CONVERSIONS = {
+    torch.ops.angel.int4_weight_only_linear.default: (4, torch.ops.angel.int4_kmajor_linear.default),
+    torch.ops.angel.int2_weight_only_linear.default: (2, torch.ops.angel.int2_kmajor_linear.default),
+}
 
 
 @register_pass
 @dataclass(frozen=True)
-class Int4KMajorLayout(Pass):
-    """Converts INT4 weight-only layers whose weights live on `devices` to the K-major layout.
+class KMajorLayout(Pass):
+    """Converts INT4 / INT2 weight-only layers whose weights live on `devices` to the K-major layout.
 
-    devices: device types ("cuda", "cpu") whose INT4 layers are converted.
+    devices: device types ("cuda", "cpu") whose INT4 / INT2 layers are converted.
     """
 
-    name: ClassVar[str] = "int4_kmajor_layout"
+    name: ClassVar[str] = "kmajor_layout"
     devices: tuple[str, ...] = ("cuda",)
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats = PassStats()
         fake_mode = fake_mode_of(gm)
         for node in list(gm.graph.nodes):
-            if node.op != "call_function" or node.target != _ROW_MAJOR:
+            if node.op != "call_function" or node.target not in _CONVERSIONS:
                 continue
+            bits, kmajor_op = _CONVERSIONS[node.target]
             stats.matched += 1
             x, packed, scales, zeros, group_size, bias = node.args
             stored = [n for n in (packed, scales, zeros) if n is not None]
@@ -59,7 +65,7 @@ class Int4KMajorLayout(Pass):
                 continue
             layer = packed.target.rsplit(".", 1)[0]
             zeros_value = None if zeros is None else get_attr_value(gm, zeros.target)
-            words, scales_t, zeros_t = to_kmajor(packed_value, get_attr_value(gm, scales.target), zeros_value)
+            words, scales_t, zeros_t = to_kmajor(packed_value, get_attr_value(gm, scales.target), zeros_value, bits)
             with gm.graph.inserting_before(node):
                 args = (
                     x,
@@ -69,7 +75,7 @@ class Int4KMajorLayout(Pass):
                     group_size,
                     bias,
                 )
-                new = gm.graph.call_function(_KMAJOR, args)
+                new = gm.graph.call_function(kmajor_op, args)
             infer_val(new, fake_mode)
             copy_source_meta(new, node, self.name, layer)
             node.replace_all_uses_with(new)

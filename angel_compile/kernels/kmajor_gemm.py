@@ -1,24 +1,25 @@
-"""Triton kernels for `angel::int4_kmajor_linear` (INT4 group-wise, K-major words of `ops/int4_kmajor.py`).
+"""Triton kernels for `angel::int4_kmajor_linear` and `angel::int2_kmajor_linear` (`ops/kmajor.py`).
 
-words int32 [K/8, N] (nibble i of words[r, n] is q[n, 8r + i]), scales [K/g, N], zeros uint8
-[K/g, N] or None (zero point 8). y [M, N] in x's dtype, fp32 accumulation, any M and N (masked
-edges), K % g == 0.
+words int32 [K/F, N] (F = 32 / BITS fields; field f of words[r, n] is q[n, F·r + f]), scales
+[K/g, N], zeros uint8 [K/g, N] or None (zero point 2^(BITS − 1)). y [M, N] in x's dtype, fp32
+accumulation, any M and N (masked edges), K % g == 0. BITS (4 or 2) is a constexpr of every kernel.
 
 - M == 1 (decode), `_gemv_kernel`, CUDA cores. A program owns BLOCK_N output channels and the
-  groups of one K split; it reads [BLOCK_K/8, BLOCK_N] word tiles, N contiguous, so a thread
+  groups of one K split; it reads [BLOCK_K/F, BLOCK_N] word tiles, N contiguous, so a thread
   holds whole words of a few channels and every tile, decoded or not, keeps the word tile's
-  thread layout (no shared-memory conversion). Nibble i of a word, masked in place at bits p =
-  4 (i % 4) (of word >> 16 for i >= 4), is the fp32 bit pattern of the subnormal q · 2^(p − 149),
-  exactly; x is scaled by 2^(85 − p), so each FFMA adds q x · 2^-64: one AND and one FFMA per
-  weight. A bf16 x becomes that scaled fp32 in one integer op, (bits << 16) + ((85 − p) << 23)
-  (adding to the exponent field). This needs FFMA without flush-to-zero (Triton's default) and
-  |x| < 2^43. The products of a group are scaled once per word; the zero point leaves the loop:
-  Σ_k (q_k − z) s x_k = s Σ_k q_k x_k − z s Σ_k x_k, and the last term is summed over the
-  split's groups after the loop from a [GPS, g] tile of x. SPLIT_K splits the groups over
-  programs: the H100 runs this kernel latency-bound, so the launch makes many short one-warp
-  programs of about two groups each (`gemv_split`); the split that finishes a channel block
-  last adds the bias and writes y (`split_k.last_split_total`), one launch per call.
-- 1 < M < 256, `_gemm_kernel`: each [BLOCK_K/8, BLOCK_N] word tile is unpacked by shifts to a
+  thread layout (no shared-memory conversion). Field f of a word, masked in place at bits p =
+  BITS · (f % (F/2)) (of word >> 16 for the upper half), is the fp32 bit pattern of the subnormal
+  q · 2^(p − 149), exactly (p + BITS <= 16 < 23); x is scaled by 2^(85 − p), so each FFMA adds
+  q x · 2^-64: one AND and one FFMA per weight. A bf16 x becomes that scaled fp32 in one integer
+  op, (bits << 16) + ((85 − p) << 23) (adding to the exponent field). This needs FFMA without
+  flush-to-zero (Triton's default) and |x| < 2^43. The products of a group are scaled once per
+  word; the zero point leaves the loop: Σ_k (q_k − z) s x_k = s Σ_k q_k x_k − z s Σ_k x_k, and
+  the last term is summed over the split's groups after the loop from a [GPS, g] tile of x.
+  SPLIT_K splits the groups over programs: the H100 runs this kernel latency-bound, so the
+  launch makes many short one-warp programs of about GEMV_K_PER_SPLIT k each (`gemv_split`);
+  the split that finishes a channel block last adds the bias and writes y
+  (`split_k.last_split_total`), one launch per call.
+- 1 < M < 256, `_gemm_kernel`: each [BLOCK_K/F, BLOCK_N] word tile is unpacked by shifts to a
   [BLOCK_K, BLOCK_N] code tile (k order), dequantized to x's dtype ((q − z) · s, one group per
   K tile) and multiplied on tensor cores (`tl.dot`); one 16-row tile covers M <= 16 (W read
   once); split K for the small-M tile as in `kernels/int4_gemm.py`.
@@ -44,11 +45,13 @@ from angel_compile.kernels.split_k import (
 )
 from angel_compile.kernels.tiling import grouped_tile
 
-# M == 1: one-warp programs of 64 channels, 16 k per word tile, about two groups per split: the
-# best of tile × split sweeps on an H100 with HBM-resident weights (benchmarks/RESULTS.md,
-# INT4 K-major GEMV). The kernel is latency-bound there; many short programs hide the loads.
-GEMV_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 1, "num_stages": 1}
-GEMV_GROUPS_PER_SPLIT = 2
+# M == 1: one-warp programs of 64 channels, GEMV_WORD_ROWS[BITS] word rows per K tile (BLOCK_K =
+# rows · F), ~256 k per split: the best of tile × split sweeps on an H100 with HBM-resident
+# weights (benchmarks/RESULTS.md, K-major GEMV). The kernel is latency-bound there; many short
+# programs hide the loads.
+GEMV_CONFIG = {"BLOCK_N": 64, "num_warps": 1, "num_stages": 1}
+GEMV_WORD_ROWS = {4: 2, 2: 4}  # BLOCK_K = 16 (INT4), 64 (INT2) unless a config sets BLOCK_K
+GEMV_K_PER_SPLIT = 256
 # 1 < M <= 16: one 16-row tile; SPLIT_K is chosen per shape by `split_k_for`.
 SMALL_M_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
 # 16 < M < 256
@@ -56,9 +59,9 @@ LARGE_M_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, 
 
 
 @triton.jit
-def _scaled_x(x_ptr, offs, NIBBLE: tl.constexpr):
-    """x[offs] as fp32 times 2^(85 − p), p = 4 (NIBBLE % 4): exact (a power of two)."""
-    EXPONENT: tl.constexpr = 85 - 4 * (NIBBLE % 4)
+def _scaled_x(x_ptr, offs, SHIFT: tl.constexpr):
+    """x[offs] as fp32 times 2^(85 − SHIFT): exact (a power of two)."""
+    EXPONENT: tl.constexpr = 85 - SHIFT
     raw = tl.load(x_ptr + offs)
     if x_ptr.dtype.element_ty == tl.bfloat16:
         # bf16 bits << 16 are the fp32 bits of x; adding EXPONENT to the exponent field scales it.
@@ -71,11 +74,13 @@ def _scaled_x(x_ptr, offs, NIBBLE: tl.constexpr):
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, partial_ptr, arrived_ptr,
     N, K, stride_wk, stride_sk,
-    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
+    BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GPS: tl.constexpr,
     STAGES: tl.constexpr,
 ):  # fmt: skip
-    ROWS: tl.constexpr = BLOCK_K // 8  # word rows per K tile
+    FIELDS: tl.constexpr = 32 // BITS  # k per word
+    HALF: tl.constexpr = FIELDS // 2  # fields in each 16-bit half
+    ROWS: tl.constexpr = BLOCK_K // FIELDS  # word rows per K tile
     TILES: tl.constexpr = GROUP // BLOCK_K  # K tiles per group
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -87,18 +92,19 @@ def _gemv_kernel(
     for g in tl.range(g_begin, g_end, num_stages=STAGES):
         scale = tl.load(s_ptr + g * stride_sk + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         for t in tl.static_range(TILES):
-            row0 = g * (GROUP // 8) + t * ROWS
+            row0 = g * (GROUP // FIELDS) + t * ROWS
             words = tl.load(w_ptrs + row0 * stride_wk, mask=n_mask[None, :], other=0, eviction_policy="evict_first")
             words = words.to(tl.uint32, bitcast=True)
-            high = words >> 16  # nibbles 4..7 at bits 0..15
+            high = words >> 16  # the upper half's fields at bits 0..15
             dot = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-            for i in tl.static_range(8):
-                if i < 4:
+            for f in tl.static_range(FIELDS):
+                if f < HALF:
                     src = words
                 else:
                     src = high
-                w = (src & (15 << 4 * (i % 4))).to(tl.float32, bitcast=True)  # q · 2^(p − 149)
-                x = _scaled_x(x_ptr, (row0 + offs_r) * 8 + i, i)  # [ROWS]
+                # field f sits at bits BITS · (f % HALF): q · 2^(BITS · (f % HALF) − 149)
+                w = (src & (((1 << BITS) - 1) << (BITS * (f % HALF)))).to(tl.float32, bitcast=True)
+                x = _scaled_x(x_ptr, (row0 + offs_r) * FIELDS + f, BITS * (f % HALF))  # [ROWS]
                 dot = tl.fma(w, x[:, None], dot)  # explicit: FP fusion may be off by default
             acc = tl.fma(dot, scale[None, :], acc)
     total = tl.sum(acc, axis=0) * (2.0**64)  # [BLOCK_N]
@@ -113,7 +119,7 @@ def _gemv_kernel(
     if HAS_ZEROS:
         zeros = tl.load(z_ptr + gn_offs, mask=gn_mask, other=0).to(tl.float32)
     else:
-        zeros = 8.0
+        zeros = float(1 << (BITS - 1))
     total -= tl.sum(zeros * scales * x_sum[:, None], axis=0)
     y, last = last_split_total(total, offs_n, n_mask, partial_ptr, arrived_ptr, pid_n, SPLIT_K)
     if last:
@@ -123,20 +129,22 @@ def _gemv_kernel(
 
 
 @triton.jit
-def _unpack_tile(words):
-    """int32 words [R, BLOCK_N] -> fp32 codes [8R, BLOCK_N] in k order (row 8r + i = nibble i of row r)."""
+def _unpack_tile(words, BITS: tl.constexpr):
+    """int32 words [R, BLOCK_N] -> fp32 codes [F·R, BLOCK_N] in k order (row F·r + f = field f of row r)."""
+    FIELDS: tl.constexpr = 32 // BITS
     ROWS: tl.constexpr = words.shape[0]
     COLS: tl.constexpr = words.shape[1]
-    shifts = 4 * tl.arange(0, 8)
-    codes = (words[:, None, :] >> shifts[None, :, None]) & 0xF  # [R, 8, BLOCK_N]
-    return _nibble_to_fp32(tl.reshape(codes, (ROWS * 8, COLS)))
+    shifts = BITS * tl.arange(0, FIELDS)
+    codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [R, F, BLOCK_N]
+    return _nibble_to_fp32(tl.reshape(codes, (ROWS * FIELDS, COLS)))
 
 
 @triton.jit
 def _gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, stride_wk, stride_sk, stride_om,
-    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):  # fmt: skip
@@ -146,19 +154,20 @@ def _gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     m_mask, n_mask = offs_m < M, offs_n < N
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]  # [BLOCK_M, BLOCK_K]
-    w_ptrs = w_ptr + tl.arange(0, BLOCK_K // 8)[:, None] * stride_wk + offs_n[None, :]  # [BLOCK_K/8, BLOCK_N]
+    FIELDS: tl.constexpr = 32 // BITS
+    w_ptrs = w_ptr + tl.arange(0, BLOCK_K // FIELDS)[:, None] * stride_wk + offs_n[None, :]  # [BLOCK_K/F, BLOCK_N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(t_begin, t_end):
         k0 = t * BLOCK_K
         x = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)
-        words = tl.load(w_ptrs + (k0 // 8) * stride_wk, mask=n_mask[None, :], other=0)
+        words = tl.load(w_ptrs + (k0 // FIELDS) * stride_wk, mask=n_mask[None, :], other=0)
         g = k0 // GROUP
         scale = tl.load(s_ptr + g * stride_sk + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
         if HAS_ZEROS:
             zero = tl.load(z_ptr + g * stride_sk + offs_n, mask=n_mask, other=0).to(tl.float32)
         else:
-            zero = tl.full((BLOCK_N,), 8.0, tl.float32)
-        w = ((_unpack_tile(words) - zero[None, :]) * scale[None, :]).to(x.dtype)  # [BLOCK_K, BLOCK_N]
+            zero = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.float32)
+        w = ((_unpack_tile(words, BITS) - zero[None, :]) * scale[None, :]).to(x.dtype)  # [BLOCK_K, BLOCK_N]
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -169,52 +178,58 @@ def _gemm_kernel(
 @triton.jit
 def _dequantize_kernel(
     w_ptr, s_ptr, z_ptr, out_ptr, N, stride_wk, stride_sk, stride_ok,
-    HAS_ZEROS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+    BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # One group × BLOCK_N channels of Wᵀ [K, N] per program, written in out's dtype.
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.program_id(1)
     n_mask = offs_n < N
-    rows = g * (GROUP // 8) + tl.arange(0, GROUP // 8)
+    rows = g * (GROUP * BITS // 32) + tl.arange(0, GROUP * BITS // 32)
     words = tl.load(w_ptr + rows[:, None] * stride_wk + offs_n[None, :], mask=n_mask[None, :], other=0)
     scale = tl.load(s_ptr + g * stride_sk + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     if HAS_ZEROS:
         zero = tl.load(z_ptr + g * stride_sk + offs_n, mask=n_mask, other=0).to(tl.float32)
     else:
-        zero = tl.full((BLOCK_N,), 8.0, tl.float32)
-    w = (_unpack_tile(words) - zero[None, :]) * scale[None, :]  # [GROUP, BLOCK_N]
+        zero = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.float32)
+    w = (_unpack_tile(words, BITS) - zero[None, :]) * scale[None, :]  # [GROUP, BLOCK_N]
     out_ptrs = out_ptr + (g * GROUP + tl.arange(0, GROUP))[:, None] * stride_ok + offs_n[None, :]
     tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=n_mask[None, :])
 
 
-def dequantize_int4_kmajor_triton(
-    words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int, dtype: torch.dtype
+def dequantize_kmajor_triton(
+    words: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """Wᵀ [K, N] in `dtype` from the K-major layout (CUDA)."""
-    k, n = words.shape[0] * 8, words.shape[1]
+    k, n = words.shape[0] * (32 // bits), words.shape[1]
     out = torch.empty((k, n), dtype=dtype, device=words.device)
     block_n = 64
     _dequantize_kernel[(triton.cdiv(n, block_n), k // group_size)](
         words, scales, scales if zeros is None else zeros, out, n, words.stride(0), scales.stride(0), out.stride(0),
-        HAS_ZEROS=zeros is not None, GROUP=group_size, BLOCK_N=block_n,
+        BITS=bits, HAS_ZEROS=zeros is not None, GROUP=group_size, BLOCK_N=block_n,
     )  # fmt: skip
     return out
 
 
-def gemv_split(groups: int, groups_per_split: int = GEMV_GROUPS_PER_SPLIT) -> int:
-    """Splits of the K groups: the smallest power of two with at most `groups_per_split` groups each."""
+def gemv_split(groups: int, group_size: int, k_per_split: int = GEMV_K_PER_SPLIT) -> int:
+    """Splits of the K groups: the smallest power of two leaving at most max(1, k_per_split / g) groups each."""
+    per_split = max(1, k_per_split // group_size)
     split = 1
-    while split * groups_per_split < groups:
+    while split * per_split < groups:
         split *= 2
     return split
 
 
-def _gemv(x2, words, scales, zeros, group_size, bias, config):
+def _gemv(x2, words, scales, zeros, bits, group_size, bias, config):
     n, k = words.shape[1], x2.shape[1]
-    meta = {**GEMV_CONFIG, **(config or {})}
+    meta = {**GEMV_CONFIG, "BLOCK_K": GEMV_WORD_ROWS[bits] * (32 // bits), **(config or {})}
     meta["BLOCK_K"] = min(meta["BLOCK_K"], group_size)
     groups = k // group_size
-    split = meta.pop("SPLIT_K", None) or gemv_split(groups)
+    split = meta.pop("SPLIT_K", None) or gemv_split(groups, group_size)
     stages = meta.pop("num_stages")
     row_blocks = triton.cdiv(n, meta["BLOCK_N"])
     partial, arrived = gemv_workspace(x2.device, n, row_blocks)
@@ -223,13 +238,13 @@ def _gemv(x2, words, scales, zeros, group_size, bias, config):
     _gemv_kernel[(row_blocks, split)](
         x2, words, scales, any_ptr if zeros is None else zeros, any_ptr if bias is None else bias, out,
         partial, arrived, n, k, words.stride(0), scales.stride(0),
-        HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, GROUP=group_size, SPLIT_K=split,
+        BITS=bits, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, GROUP=group_size, SPLIT_K=split,
         GPS=triton.next_power_of_2(triton.cdiv(groups, split)), STAGES=stages, **meta,
     )  # fmt: skip
     return out
 
 
-def _gemm(x2, words, scales, zeros, group_size, bias, config):
+def _gemm(x2, words, scales, zeros, bits, group_size, bias, config):
     m, k = x2.shape
     n = words.shape[1]
     meta = {**(SMALL_M_CONFIG if m <= 16 else LARGE_M_CONFIG), **(config or {})}
@@ -243,22 +258,23 @@ def _gemm(x2, words, scales, zeros, group_size, bias, config):
     _gemm_kernel[grid](
         x2, words, scales, any_ptr if zeros is None else zeros, any_ptr if bias is None or split > 1 else bias, out,
         m, n, k, x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
-        HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None and split == 1, GROUP=group_size,
+        BITS=bits, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None and split == 1, GROUP=group_size,
         DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", GROUP_M=8, SPLIT_K=split, **meta,
     )  # fmt: skip
     return finish_split_k(out, bias, split, x2.dtype)
 
 
-def int4_kmajor_linear_triton(
+def kmajor_linear_triton(
     x: torch.Tensor,
     words: torch.Tensor,
     scales: torch.Tensor,
     zeros: torch.Tensor | None,
+    bits: int,
     group_size: int,
     bias: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """x [..., K] float -> [..., N] in x's dtype; weights as in ops/int4_kmajor.py.
+    """x [..., K] float -> [..., N] in x's dtype; `bits`-bit weights as in ops/kmajor.py.
 
     `config` (BLOCK_* sizes, SPLIT_K, num_warps, num_stages) replaces the default tile of the
     path M selects (M == 1: GEMV; M >= 256 without config: dequantize + cuBLAS; else the tl.dot
@@ -274,10 +290,10 @@ def int4_kmajor_linear_triton(
     if m == 0:
         return x.new_empty((*lead, n))
     if m == 1:
-        out = _gemv(x2, words, scales, zeros, group_size, bias, config)
+        out = _gemv(x2, words, scales, zeros, bits, group_size, bias, config)
     elif m >= DEQUANTIZE_MIN_M and config is None:
-        w_t = dequantize_int4_kmajor_triton(words, scales, zeros, group_size, x.dtype)  # [K, N]
+        w_t = dequantize_kmajor_triton(words, scales, zeros, bits, group_size, x.dtype)  # [K, N]
         out = torch.addmm(bias, x2, w_t) if bias is not None else x2 @ w_t
     else:
-        out = _gemm(x2, words, scales, zeros, group_size, bias, config)
+        out = _gemm(x2, words, scales, zeros, bits, group_size, bias, config)
     return out.reshape(*lead, n)
