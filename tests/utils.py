@@ -4,7 +4,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,6 +36,37 @@ def outlier_layer(k: int = 256, n: int = 96, rows: int = 1024, seed: int = 0) ->
 
     weight = torch.randn(n, k, generator=g) * 0.02 * torch.rand(n, 1, generator=g).add(0.5)
     return weight, activations(rows), activations(rows // 2)
+
+
+def compile_sm90_ptx(
+    fn: Any,
+    types: dict[str, str],
+    constexprs: dict[str, Any],
+    num_warps: int,
+    num_stages: int,
+    aligned: Callable[[str, str], bool] = lambda name, type_: True,
+    **options: Any,
+) -> str:
+    """PTX of the Triton kernel `fn` for an H100 (sm_90), compiled ahead of time without a GPU.
+
+    Arguments in `constexprs` are constexpr; the others have their Triton type from `types`, else
+    i32. `aligned(name, type)` picks the arguments marked divisible by 16, as the launchers'
+    specialization marks Llama-shaped pointers, sizes and strides (default: every one). Call it
+    in a process without TRITON_INTERPRET (`ptx_from_fresh_process`).
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in fn.arg_names}
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, a in enumerate(fn.arg_names)
+        if signature[a] != "constexpr" and aligned(a, signature[a])
+    }
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": num_warps, "num_stages": num_stages, **options}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
 
 def ptx_from_fresh_process(module: str) -> dict[str, str]:

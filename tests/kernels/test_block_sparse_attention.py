@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import triton
 
 from angel_compile.kernels.block_sparse_attention import VARIANTS, block_sparse_attention_triton
 from angel_compile.ops.sparse_attention import (
@@ -11,7 +10,7 @@ from angel_compile.ops.sparse_attention import (
     dense_causal_attention,
 )
 from angel_compile.sparse.selection import SparseAttentionConfig, block_mask_to_index, causal_block_mask, select_blocks
-from tests.utils import ptx_from_fresh_process, relative_error
+from tests.utils import compile_sm90_ptx, ptx_from_fresh_process, relative_error
 
 SCALE = 0.125
 
@@ -138,32 +137,24 @@ SM90_VARIANTS = ("ptr-unfused-n64-w8-s3", "ptr-unfused-n128-w8-s2", "tma-fused-n
 
 def ptx_for_sm90() -> dict[str, str]:
     """PTX of the kernel for an H100 (bf16, d=128, 128-token blocks) in the SM90_VARIANTS configs."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from angel_compile.kernels.block_sparse_attention import _block_sparse_attention_kernel as kernel
 
     pointers = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", o_ptr="*bf16", index_ptr="*i32", count_ptr="*i32")
-    floats = ("qk_scale",)
+
+    def pointer_or_stride(name: str, type_: str) -> bool:
+        # What the launcher specializes for Llama shapes: 16-byte aligned pointers and strides.
+        return name in pointers or (type_ == "i32" and "stride" in name)
 
     def compile_ptx(config: dict) -> str:
         config = dict(config)
-        options = {"num_warps": config.pop("num_warps"), "num_stages": config.pop("num_stages")}
-        descriptor = f"tensordesc<bf16[{config['BLOCK_N']}, 128]>" if config["USE_TMA"] else "constexpr"
+        warps, stages = config.pop("num_warps"), config.pop("num_stages")
+        types = {**pointers, "qk_scale": "fp32"}
         constexprs = dict(HEAD_DIM=128, BLOCK_M=128, EVEN_S=True, DOT_PRECISION="tf32", **config)
-        if not config["USE_TMA"]:
+        if config["USE_TMA"]:
+            types |= dict.fromkeys(("k_desc", "v_desc"), f"tensordesc<bf16[{config['BLOCK_N']}, 128]>")
+        else:
             constexprs.update(k_desc=None, v_desc=None)
-        signature = {
-            a: pointers.get(a, "fp32" if a in floats else "constexpr" if a in constexprs else "i32")
-            for a in kernel.arg_names
-        }
-        signature.update(k_desc=descriptor, v_desc=descriptor)
-        # What the launcher specializes for Llama shapes: 16-byte aligned pointers and strides.
-        aligned = [i for i, a in enumerate(kernel.arg_names) if signature[a] in ("*bf16", "i32") and "stride" in a]
-        aligned += [i for i, a in enumerate(kernel.arg_names) if a in pointers]
-        attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+        return compile_sm90_ptx(kernel, types, constexprs, warps, stages, aligned=pointer_or_stride)
 
     return {name: compile_ptx(VARIANTS[name]) for name in SM90_VARIANTS}
 

@@ -5,7 +5,6 @@ import re
 
 import pytest
 import torch
-import triton
 
 from angel_compile.kernels import int4_gemm as kernels
 from angel_compile.kernels.int4_gemm import int4_weight_only_linear_triton, w4a8_linear_triton
@@ -15,7 +14,7 @@ from angel_compile.ops.int4 import (
     quantize_int4_rtn,
     w4a8_linear_reference,
 )
-from tests.utils import ptx_from_fresh_process, relative_error
+from tests.utils import compile_sm90_ptx, ptx_from_fresh_process, relative_error
 
 # Big tiles: the interpreter's cost grows with the number of programs.
 GEMV = {"BLOCK_N": 16, "BLOCK_K": 128}
@@ -102,19 +101,6 @@ def test_every_nibble_and_zero_point_converts_exactly():
 
 def ptx_for_sm90() -> dict[str, str]:
     """PTX of the GEMV, the small-M GEMM and the W4A8 GEMM in bf16 for an H100 (no interpreter)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    def compile_ptx(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int) -> str:
-        signature = {
-            a: types.get(a, "i32" if a[0].isupper() or a.startswith("stride") else "constexpr") for a in fn.arg_names
-        }
-        signature.update({a: "constexpr" for a in constexprs})
-        aligned = [i for i, a in enumerate(fn.arg_names) if signature[a] != "constexpr"]
-        attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        options = {"num_warps": num_warps, "num_stages": num_stages}
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
     def pointers(x: str) -> dict:
         return dict(
@@ -127,9 +113,9 @@ def ptx_for_sm90() -> dict[str, str]:
     small_m = {**gemm, "W4A8": False, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}
     w4a8 = {**gemm, "W4A8": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}
     return {
-        "gemv": compile_ptx(kernels._gemv_kernel, pointers("bf16"), gemv, 4, 1),
-        "small_m": compile_ptx(kernels._gemm_kernel, pointers("bf16"), small_m, 4, 4),
-        "w4a8": compile_ptx(kernels._gemm_kernel, pointers("fp8e4nv"), w4a8, 8, 3),
+        "gemv": compile_sm90_ptx(kernels._gemv_kernel, pointers("bf16"), gemv, 4, 1),
+        "small_m": compile_sm90_ptx(kernels._gemm_kernel, pointers("bf16"), small_m, 4, 4),
+        "w4a8": compile_sm90_ptx(kernels._gemm_kernel, pointers("fp8e4nv"), w4a8, 8, 3),
     }
 
 

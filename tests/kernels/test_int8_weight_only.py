@@ -5,12 +5,11 @@ import re
 
 import pytest
 import torch
-import triton
 
 from angel_compile.kernels import int8_weight_only as kernels
 from angel_compile.kernels.int8_weight_only import int8_weight_only_linear_triton
 from angel_compile.ops.int8_weight_only import int8_weight_only_linear_reference, quantize_int8_per_channel
-from tests.utils import ptx_from_fresh_process, relative_error
+from tests.utils import compile_sm90_ptx, ptx_from_fresh_process, relative_error
 
 # Big tiles: the interpreter's cost grows with the number of programs.
 GEMV = {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4}
@@ -80,20 +79,10 @@ def test_leading_dimensions_are_kept():
 
 def ptx_for_sm90() -> dict[str, str]:
     """PTX of the three paths for an H100 in bf16 (needs Triton outside interpreter mode)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     pointers = dict(x_ptr="*bf16", w_ptr="*i8", scale_ptr="*fp32", bias_ptr="*bf16", out_ptr="*bf16")
-    ints = ["M", "N", "K", "stride_xm", "stride_wn", "stride_om", "M_BUCKET"]
 
     def compile_ptx(fn, constexprs: dict, num_warps: int, num_stages: int) -> str:
-        signature = {a: pointers.get(a, "i32" if a in ints else "constexpr") for a in fn.arg_names}
-        # What the launcher specializes for Llama shapes: 16-byte aligned pointers and sizes.
-        aligned = [i for i, a in enumerate(fn.arg_names) if signature[a] != "constexpr"]
-        attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        options = {"num_warps": num_warps, "num_stages": num_stages}
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+        return compile_sm90_ptx(fn, pointers, constexprs, num_warps, num_stages)
 
     gemm = {"HAS_BIAS": True, "EVEN_K": True, "DOT_PRECISION": "tf32", "GROUP_M": 8}
     gemv = {"HAS_BIAS": True, "EVEN_K": True, "BLOCK_N": 8, "BLOCK_K": 512}

@@ -3,14 +3,13 @@ CPU through the Triton interpreter (fp32 / fp16), ahead-of-time compiled for sm_
 
 import pytest
 import torch
-import triton
 
 from angel_compile.kernels import kmajor_gemm as kernels
 from angel_compile.kernels.kmajor_gemm import gemv_split, kmajor_linear_triton
 from angel_compile.ops.int2 import int2_weight_only_linear_reference, quantize_int2_rtn
 from angel_compile.ops.int4 import int4_weight_only_linear_reference, quantize_int4_rtn
 from angel_compile.ops.kmajor import dequantize_kmajor, pack_kmajor, to_kmajor
-from tests.utils import ptx_from_fresh_process, relative_error
+from tests.utils import compile_sm90_ptx, ptx_from_fresh_process, relative_error
 
 BOUND = {torch.float32: 1e-5, torch.float16: 2e-3}  # fp16: rounding of the output
 GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4}
@@ -109,19 +108,13 @@ def test_dequantize_kernel_writes_the_transposed_weight(bits, symmetric):
 
 def ptx_for_sm90() -> dict[str, str]:
     """PTX of the bf16 GEMV (default tile, split K) and small-M GEMM for an H100 (no interpreter)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    types = dict(
+        x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", z_ptr="*u8", bias_ptr="*bf16", out_ptr="*bf16",
+        partial_ptr="*fp32", arrived_ptr="*i32",
+    )  # fmt: skip
 
     def compile_ptx(fn, constexprs: dict, num_warps: int, num_stages: int) -> str:
-        types = dict(
-            x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", z_ptr="*u8", bias_ptr="*bf16", out_ptr="*bf16",
-            partial_ptr="*fp32", arrived_ptr="*i32",
-        )  # fmt: skip
-        signature = {a: types.get(a, "constexpr" if a in constexprs else "i32") for a in fn.arg_names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if signature[a] != "constexpr"}
-        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        options = {"num_warps": num_warps, "num_stages": num_stages}
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+        return compile_sm90_ptx(fn, types, constexprs, num_warps, num_stages)
 
     common = {"HAS_ZEROS": True, "HAS_BIAS": True, "GROUP": 128}
     gemv = {**common, "BLOCK_N": kernels.GEMV_CONFIG["BLOCK_N"], "SPLIT_K": 16, "GPS": 2, "STAGES": 1}

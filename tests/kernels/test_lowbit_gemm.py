@@ -3,7 +3,6 @@
 
 import pytest
 import torch
-import triton
 
 from angel_compile.kernels import int2_gemm, ternary_gemm
 from angel_compile.kernels.int2_gemm import dequantize_int2_triton, int2_weight_only_linear_triton
@@ -11,7 +10,7 @@ from angel_compile.kernels.split_k import split_k_for
 from angel_compile.kernels.ternary_gemm import dequantize_ternary_3of4_triton, ternary_3of4_linear_triton
 from angel_compile.ops.int2 import int2_weight_only_linear_reference, quantize_int2_rtn
 from angel_compile.ops.ternary import quantize_ternary_3of4, ternary_3of4_linear_reference
-from tests.utils import ptx_from_fresh_process, relative_error
+from tests.utils import compile_sm90_ptx, ptx_from_fresh_process, relative_error
 
 BOUND = {torch.float32: 1e-5, torch.float16: 2e-3}
 GEMV = {"BLOCK_N": 16, "BLOCK_K": 128}
@@ -130,17 +129,12 @@ def test_dequantize_kernels_and_split_k_choice():
 
 def ptx_for_sm90() -> dict[str, str]:
     """PTX of the INT2 and ternary GEMV and small-M GEMM in bf16 for an H100 (no interpreter)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+
+    def pointers_only(name: str, type_: str) -> bool:
+        return type_.startswith("*")
 
     def compile_ptx(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int) -> str:
-        signature = {a: types.get(a, "i32") for a in fn.arg_names}
-        signature.update({a: "constexpr" for a in constexprs})
-        aligned = [i for i, a in enumerate(fn.arg_names) if signature[a].startswith("*")]
-        attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        options = {"num_warps": num_warps, "num_stages": num_stages}
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+        return compile_sm90_ptx(fn, types, constexprs, num_warps, num_stages, aligned=pointers_only)
 
     ptrs = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*u8", "lut_ptr": "*u8"}
     ptrs |= {"bias_ptr": "*bf16", "out_ptr": "*bf16"}

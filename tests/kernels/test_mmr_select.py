@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from angel_compile.kernels.mmr_select import mmr_select_rounds, mmr_select_triton
 from angel_compile.ops.prune_tokens import mmr_select_reference
-from tests.utils import ptx_from_fresh_process
+from tests.utils import compile_sm90_ptx, ptx_from_fresh_process
 
 SMALL = {"CANDIDATES": 16, "BLOCK_N": 32, "num_warps": 4}  # fewer candidates than picks, masked N tiles
 
@@ -68,10 +68,6 @@ def test_limits_are_checked():
 
 def ptx_for_sm90() -> dict[str, str]:
     """PTX of both kernels for an H100 (needs Triton outside interpreter mode)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from angel_compile.kernels import mmr_select
 
     types = {
@@ -92,13 +88,10 @@ def ptx_for_sm90() -> dict[str, str]:
         "greedy": (mmr_select._candidate_greedy_kernel, {"HAS_THRESHOLD": True, "BLOCK_C": 128}, 1),
         "update": (mmr_select._update_kernel, {"BLOCK_N": 64, "BLOCK_C": 128}, 4),
     }
-    ptx = {}
-    for name, (fn, constexprs, warps) in kernels.items():
-        signature = {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in fn.arg_names}
-        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        options = {"num_warps": warps, "enable_fp_fusion": False}
-        ptx[name] = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
-    return ptx
+    return {
+        name: compile_sm90_ptx(fn, types, constexprs, warps, 3, aligned=lambda *_: False, enable_fp_fusion=False)
+        for name, (fn, constexprs, warps) in kernels.items()
+    }
 
 
 def test_sm90_code_generation():
