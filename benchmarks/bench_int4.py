@@ -239,19 +239,15 @@ def main() -> None:
         for m in BATCHES:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             errors = {}
-            for q in quantized[:2]:
+            for q, (words, scales, zeros) in zip(quantized[:2], kmajor, strict=False):
                 weight = (q.packed, q.scales, q.zeros, GROUP)
                 expected = int4_weight_only_linear_reference(
                     x.double(), q.packed, q.scales.double(), q.zeros, GROUP, None
                 )
                 errors["int4"] = _error(int4_weight_only_linear_triton(x, *weight, None), expected)
+                errors["kmajor"] = _error(kmajor_linear_triton(x, words, scales, zeros, 4, GROUP, None), expected)
                 expected = w4a8_linear_reference(x.float(), *weight, None, None)
                 errors["w4a8"] = _error(w4a8_linear_triton(x, *weight, None, None), expected)
-                words, scales, zeros = to_kmajor(q.packed, q.scales, q.zeros, 4)
-                expected = int4_weight_only_linear_reference(
-                    x.double(), q.packed, q.scales.double(), q.zeros, GROUP, None
-                )
-                errors["kmajor"] = _error(kmajor_linear_triton(x, words, scales, zeros, 4, GROUP, None), expected)
                 assert max(errors.values()) < MAX_REL_ERROR, (role, m, errors)
 
             def bf16(x=x, weights=weights) -> None:
