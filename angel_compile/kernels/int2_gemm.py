@@ -44,6 +44,7 @@ from angel_compile.kernels.split_k import (
     split_k_tiles,
     store_or_add,
 )
+from angel_compile.kernels.tiling import rows_and_contiguous
 
 
 def _gemv_variant(block_n: int, block_k: int, warps: int, stages: int, split_k: int | None = None) -> tuple[str, dict]:
@@ -220,10 +221,7 @@ def int2_weight_only_linear_triton(
     """
     *lead, k = x.shape
     n = packed.shape[0]
-    x2 = x.reshape(-1, k).contiguous()  # [M, K]
-    packed, scales = packed.contiguous(), scales.contiguous()
-    zeros = None if zeros is None else zeros.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    x2, packed, scales, zeros, bias = rows_and_contiguous(x, packed, scales, zeros, bias)  # x2 [M, K]
     m = x2.shape[0]
     if m == 0:
         return x.new_empty((*lead, n))

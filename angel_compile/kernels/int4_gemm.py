@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from angel_compile.kernels.split_k import finish_split_k, split_k_for, split_k_output, split_k_tiles, store_or_add
-from angel_compile.kernels.tiling import grouped_tile
+from angel_compile.kernels.tiling import grouped_tile, rows_and_contiguous
 from angel_compile.ops.int4 import quantize_fp8_rows
 
 # M == 1: one fixed tile, the best of a 6-tile sweep on an H100 (benchmarks/RESULTS.md, INT4).
@@ -286,10 +286,7 @@ def int4_weight_only_linear_triton(
     """
     *lead, k = x.shape
     n = packed.shape[0]
-    x2 = x.reshape(-1, k).contiguous()  # [M, K]
-    packed, scales = packed.contiguous(), scales.contiguous()
-    zeros = None if zeros is None else zeros.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    x2, packed, scales, zeros, bias = rows_and_contiguous(x, packed, scales, zeros, bias)  # x2 [M, K]
     m = x2.shape[0]
     if m == 0:
         return x.new_empty((*lead, n))

@@ -43,7 +43,7 @@ from angel_compile.kernels.split_k import (
     split_k_tiles,
     store_or_add,
 )
-from angel_compile.kernels.tiling import grouped_tile
+from angel_compile.kernels.tiling import grouped_tile, rows_and_contiguous
 
 # M == 1: one-warp programs of 64 channels, GEMV_WORD_ROWS[BITS] word rows per K tile (BLOCK_K =
 # rows · F), ~256 k per split: the best of tile × split sweeps on an H100 with HBM-resident
@@ -282,10 +282,7 @@ def kmajor_linear_triton(
     """
     *lead, k = x.shape
     n = words.shape[1]
-    x2 = x.reshape(-1, k).contiguous()  # [M, K]
-    words, scales = words.contiguous(), scales.contiguous()
-    zeros = None if zeros is None else zeros.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    x2, words, scales, zeros, bias = rows_and_contiguous(x, words, scales, zeros, bias)  # x2 [M, K]
     m = x2.shape[0]
     if m == 0:
         return x.new_empty((*lead, n))

@@ -43,6 +43,7 @@ from angel_compile.kernels.split_k import (
     split_k_tiles,
     store_or_add,
 )
+from angel_compile.kernels.tiling import rows_and_contiguous
 from angel_compile.ops.ternary import (
     CHUNK_BYTES,
     CHUNK_WEIGHTS,
@@ -262,9 +263,7 @@ def ternary_3of4_linear_triton(
     n = packed.shape[0]
     if k % CHUNK_WEIGHTS or packed.shape[1] != k // CHUNK_WEIGHTS * CHUNK_BYTES:
         return ternary_3of4_linear_reference(x, packed, scales, group_size, bias)  # padded last chunk
-    x2 = x.reshape(-1, k).contiguous()
-    packed, scales = packed.contiguous(), scales.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    x2, packed, scales, bias = rows_and_contiguous(x, packed, scales, bias)  # x2 [M, K]
     m = x2.shape[0]
     if m == 0:
         return x.new_empty((*lead, n))

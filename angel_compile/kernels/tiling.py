@@ -1,9 +1,16 @@
-"""Program-to-tile order shared by the GEMM kernels."""
+"""Shared by the GEMM kernel modules: the launchers' operand layout and the program-to-tile order."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+
+def rows_and_contiguous(x: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """x [..., K] as contiguous rows [M, K], then each of `tensors` contiguous (None stays None)."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    return x2, *(None if t is None else t.contiguous() for t in tensors)
 
 
 @triton.jit
