@@ -127,14 +127,19 @@ def _prune_tokens_cuda(
     merge_threshold: float,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from angel_compile.kernels.mmr_select import mmr_select_triton
+    from angel_compile.kernels.mmr_select import mmr_select_triton, unit_features_triton
+    from angel_compile.lowering.prune_tokens_cuda import prune_tokens_mmr_graphed
     from angel_compile.ops.prune_tokens import prune_tokens_forward
 
-    # Gathers, importance and merging are PyTorch ops on the GPU; the greedy MMR runs in
-    # candidate rounds (a GEMM, the Triton candidate-greedy and update kernels per round).
+    graphable = method in ("mmr", "diversity") and merge_threshold >= 1.0 and 0 < keep < num_tokens
+    if graphable and not torch.cuda.is_current_stream_capturing():
+        return prune_tokens_mmr_graphed(embeds, token_mask, num_tokens, keep, lambda_ if method == "mmr" else 0.0)
+    # Gathers and merging are PyTorch ops on the GPU; unit features and importance are one Triton
+    # pass, and the greedy MMR runs in candidate rounds (top-k, a GEMM and Triton kernels per round).
     return prune_tokens_forward(
-        embeds, token_mask, num_tokens, keep, method, lambda_, merge_threshold, seed, mmr_select_triton
-    )
+        embeds, token_mask, num_tokens, keep, method, lambda_, merge_threshold, seed, mmr_select_triton,
+        unit_features_triton,
+    )  # fmt: skip
 
 
 @int2_weight_only_linear.register_kernel("cuda")

@@ -11,8 +11,9 @@ each row); the others are text and always kept. Of the N modality tokens, `keep`
    exceeds the threshold are joined, most similar first and at most N − keep of them, so at
    least `keep` groups remain; a group's feature is the mean of its members and it sits at
    the position of its first member.
-2. Importance, without attention maps: imp(i) = cos(x_i, c), c the mean embedding of the
-   sample's text tokens (of its modality tokens when it has no text).
+2. Importance, without attention maps: imp(i) = cos(x_i, c), c the mean (fp32) embedding of
+   the sample's text tokens (of its modality tokens when it has no text): the fp32 dot product
+   of x_i / ‖x_i‖ and c / ‖c‖ (`unit_features_reference`).
 3. Selection of `keep` of the (groups of) tokens by `method`:
    - `mmr`: greedy Maximal Marginal Relevance. The first pick is argmax imp; then each step
      picks argmax_i λ·imp(i) − (1 − λ)·max(0, max_{j picked} cos(x_i, x_j)). Ties go to the
@@ -26,8 +27,10 @@ each row); the others are text and always kept. Of the N modality tokens, `keep`
    written at their groups' positions. Callers gather position ids and masks with `positions`.
 
 With keep = N nothing is merged or dropped: pruned == embeds and positions == arange(S).
-The reference below is the CPU implementation; on CUDA the greedy MMR runs as the exact lazy
-(candidate-round) greedy of `kernels/mmr_select.py` (registered in `lowering/triton.py`).
+The reference below is the CPU implementation. On CUDA (`lowering/triton.py`) the unit features
+and importance come from one Triton pass over the features and the greedy MMR runs as the exact
+lazy (candidate-round) greedy, both in `kernels/mmr_select.py`; the rest stays PyTorch ops, with
+one host sync (the token-count check).
 """
 
 from __future__ import annotations
@@ -42,12 +45,27 @@ METHODS = ("mmr", "diversity", "topk", "stride", "random")
 
 # (normalized features [B, M, D], importance [B, M], keep, lambda_) -> picks [B, keep] in pick order
 MmrSelect = Callable[[torch.Tensor, torch.Tensor, int, float], torch.Tensor]
+# (features [B, M, D], context [B, D]) -> (unit features [B, M, D], importance [B, M] fp32)
+UnitFeatures = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def kept_count(num_tokens: int, ratio: float) -> int:
     """k = ceil((1 − r)·N): how many of N tokens survive pruning ratio r ∈ [0, 1)."""
     # round() first: (1 - 0.9) * 100 is 10.000000000000002 in floating point
     return math.ceil(round((1.0 - ratio) * num_tokens, 9))
+
+
+def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """The column indices of the True entries of each row of mask [B, S], ascending -> [B, count] int64.
+
+    Every row must hold `count` True entries (a row with more keeps its first `count`). A
+    cumulative sum and a scatter instead of boolean indexing (a host sync) or a sort.
+    """
+    batch, seq = mask.shape
+    slot = torch.where(mask, mask.long().cumsum(dim=1) - 1, count).clamp_(max=count)  # the rest: a spare column
+    positions = torch.empty(batch, count + 1, dtype=torch.int64, device=mask.device)
+    positions.scatter_(1, slot, torch.arange(seq, device=mask.device).expand(batch, seq))
+    return positions[:, :count]
 
 
 def mmr_select_reference(features: torch.Tensor, importance: torch.Tensor, keep: int, lambda_: float) -> torch.Tensor:
@@ -68,8 +86,19 @@ def mmr_select_reference(features: torch.Tensor, importance: torch.Tensor, keep:
     return torch.stack(order, dim=1)
 
 
+def unit_features_reference(features: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """features [B, M, D], context [B, D] -> (unit rows in features' dtype, importance [B, M] fp32).
+
+    unit = x / max(‖x‖, 1e-12) in fp32, rounded to features' dtype; importance = cos(x, c), the
+    fp32 dot product of the fp32 unit row with c / max(‖c‖, 1e-12).
+    """
+    unit = F.normalize(features.float(), dim=-1)
+    importance = torch.bmm(unit, F.normalize(context.float(), dim=-1).unsqueeze(-1)).squeeze(-1)
+    return unit.to(features.dtype), importance
+
+
 def select(
-    features: torch.Tensor,
+    unit: torch.Tensor,
     importance: torch.Tensor,
     keep: int,
     method: str,
@@ -77,22 +106,27 @@ def select(
     seed: int,
     mmr_select: MmrSelect = mmr_select_reference,
 ) -> torch.Tensor:
-    """Indices [B, keep] (ascending) of the tokens `method` keeps out of features [B, M, D]."""
-    batch, count, _ = features.shape
+    """Indices [B, keep] (ascending) of the tokens `method` keeps out of unit features [B, M, D]."""
+    batch, count, _ = unit.shape
     if method in ("mmr", "diversity"):
-        unit = F.normalize(features.float(), dim=-1).to(features.dtype)
         chosen = mmr_select(unit, importance.float(), keep, lambda_ if method == "mmr" else 0.0)
     elif method == "topk":
         chosen = importance.float().topk(keep, dim=1).indices
     elif method == "stride":
-        chosen = (torch.arange(keep, device=features.device) * count // keep).expand(batch, keep)
+        chosen = (torch.arange(keep, device=unit.device) * count // keep).expand(batch, keep)
     elif method == "random":
         generator = torch.Generator().manual_seed(seed)
         rows = [torch.randperm(count, generator=generator)[:keep] for _ in range(batch)]
-        chosen = torch.stack(rows).to(features.device)
+        chosen = torch.stack(rows).to(unit.device)
     else:
         raise ValueError(f"prune_tokens: unknown method '{method}'; supported: {list(METHODS)}")
-    return chosen.sort(dim=1).values
+    return ascending(chosen, count)
+
+
+def ascending(chosen: torch.Tensor, count: int) -> torch.Tensor:
+    """Distinct indices [B, K] into [0, count) -> the same indices sorted ascending (no sort kernel)."""
+    kept = torch.zeros(chosen.shape[0], count, dtype=torch.bool, device=chosen.device).scatter_(1, chosen, True)
+    return true_positions(kept, chosen.shape[1])
 
 
 def merge_adjacent(
@@ -125,6 +159,44 @@ def merge_adjacent(
     return merged, first
 
 
+def check_counts(token_mask: torch.Tensor, num_tokens: int, keep: int) -> None:
+    """Every row holds `num_tokens` modality tokens and 0 < keep <= num_tokens (a host sync), else ValueError."""
+    counts = token_mask.bool().sum(dim=1)
+    if not bool((counts == num_tokens).all()):
+        raise ValueError(
+            f"prune_tokens: every sample must hold {num_tokens} modality tokens (the count the graph was "
+            f"compiled for); token_mask counts {counts.tolist()}"
+        )
+    if not 0 < keep <= num_tokens:
+        raise ValueError(f"prune_tokens: keep={keep} must be in [1, {num_tokens}] (the number of modality tokens)")
+
+
+def split_tokens(
+    embeds: torch.Tensor, mask: torch.Tensor, num_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> text positions [B, S − N], modality positions [B, N] (each ascending), modality features [B, N, D]."""
+    seq, dim = embeds.shape[1:]
+    text_positions, token_positions = true_positions(~mask, seq - num_tokens), true_positions(mask, num_tokens)
+    features = embeds.gather(1, token_positions.unsqueeze(-1).expand(-1, -1, dim))
+    return text_positions, token_positions, features
+
+
+def context_embedding(embeds: torch.Tensor, text_positions: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """[B, D] fp32: the mean embedding of the text tokens, or of the modality features when there is no text."""
+    if text_positions.shape[1] == 0:
+        return features.float().mean(dim=1)
+    return embeds.gather(1, text_positions.unsqueeze(-1).expand(-1, -1, embeds.shape[2])).float().mean(dim=1)
+
+
+def kept_sequence(
+    embeds: torch.Tensor, mask: torch.Tensor, num_tokens: int, kept_positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text and the kept modality positions [B, K] -> (embeds at their positions, the positions), ascending."""
+    kept = (~mask).scatter_(1, kept_positions, True)
+    positions = true_positions(kept, embeds.shape[1] - num_tokens + kept_positions.shape[1])
+    return embeds.gather(1, positions.unsqueeze(-1).expand(-1, -1, embeds.shape[2])), positions
+
+
 def prune_tokens_forward(
     embeds: torch.Tensor,
     token_mask: torch.Tensor,
@@ -135,39 +207,28 @@ def prune_tokens_forward(
     merge_threshold: float,
     seed: int,
     mmr_select: MmrSelect = mmr_select_reference,
+    unit_features: UnitFeatures = unit_features_reference,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The op's semantics (module docstring) with a pluggable greedy MMR (reference or Triton)."""
+    """The op's semantics (module docstring) with a pluggable greedy MMR and unit-feature step (reference or Triton)."""
     batch, seq, dim = embeds.shape
+    check_counts(token_mask, num_tokens, keep)
     mask = token_mask.bool()
-    counts = mask.sum(dim=1)
-    if not bool((counts == num_tokens).all()):
-        raise ValueError(
-            f"prune_tokens: every sample must hold {num_tokens} modality tokens (the count the graph was "
-            f"compiled for); token_mask counts {counts.tolist()}"
-        )
-    if not 0 < keep <= num_tokens:
-        raise ValueError(f"prune_tokens: keep={keep} must be in [1, {num_tokens}] (the number of modality tokens)")
-    arange = torch.arange(seq, device=embeds.device).expand(batch, seq)
     if keep == num_tokens:
+        arange = torch.arange(seq, device=embeds.device).expand(batch, seq)
         return embeds.clone(), arange.clone()
-    token_positions = arange[mask].view(batch, num_tokens)  # [B, N], ascending
-    features = embeds.gather(1, token_positions.unsqueeze(-1).expand(-1, -1, dim))  # [B, N, D]
-    if merge_threshold < 1.0:
+    text_positions, token_positions, features = split_tokens(embeds, mask, num_tokens)
+    merging = merge_threshold < 1.0
+    if merging:
         features, token_positions = merge_adjacent(features, token_positions, keep, merge_threshold)
-    text = (~mask).unsqueeze(-1).to(embeds.dtype)
-    text_count = text.sum(dim=1)
-    context = torch.where(
-        text_count > 0, (embeds * text).sum(dim=1) / text_count.clamp(min=1), features.float().mean(dim=1)
-    )
-    importance = F.cosine_similarity(features.float(), context.float().unsqueeze(1), dim=-1)  # [B, M]
-    chosen = select(features, importance, keep, method, lambda_, seed, mmr_select)  # [B, keep]
-    kept_positions = token_positions.gather(1, chosen)
-    kept_features = features.gather(1, chosen.unsqueeze(-1).expand(-1, -1, dim))
-    kept = ~mask
-    kept.scatter_(1, kept_positions, True)
-    positions = arange[kept].view(batch, seq - num_tokens + keep)
-    written = embeds.scatter(1, kept_positions.unsqueeze(-1).expand(-1, -1, dim), kept_features)
-    return written.gather(1, positions.unsqueeze(-1).expand(-1, -1, dim)), positions
+    unit, importance = unit_features(features, context_embedding(embeds, text_positions, features))
+    chosen = select(unit, importance, keep, method, lambda_, seed, mmr_select)  # [B, keep], ascending
+    kept_positions = token_positions.gather(1, chosen)  # ascending
+    pruned, positions = kept_sequence(embeds, mask, num_tokens, kept_positions)
+    if merging:  # a kept group's row holds the mean of its members
+        slots = torch.searchsorted(positions, kept_positions)
+        kept_features = features.gather(1, chosen.unsqueeze(-1).expand(-1, -1, dim))
+        pruned.scatter_(1, slots.unsqueeze(-1).expand(-1, -1, dim), kept_features)
+    return pruned, positions
 
 
 @torch.library.custom_op("angel::prune_tokens", mutates_args=())

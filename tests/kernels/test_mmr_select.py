@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from angel_compile.kernels.mmr_select import mmr_select_rounds, mmr_select_triton
-from angel_compile.ops.prune_tokens import mmr_select_reference
+from angel_compile.kernels.mmr_select import mmr_select_rounds, mmr_select_triton, unit_features_triton
+from angel_compile.ops.prune_tokens import mmr_select_reference, prune_tokens_forward, unit_features_reference
 from tests.utils import compile_sm90_ptx, ptx_from_fresh_process
 
 SMALL = {"CANDIDATES": 16, "BLOCK_N": 32, "num_warps": 4}  # fewer candidates than picks, masked N tiles
@@ -72,6 +72,10 @@ def ptx_for_sm90() -> dict[str, str]:
 
     types = {
         "sims_ptr": "*fp32",
+        "cand_sims_ptr": "*fp32",
+        "x_ptr": "*bf16",
+        "context_ptr": "*fp32",
+        "unit_ptr": "*bf16",
         "top_ptr": "*i64",
         "cand_ptr": "*i64",
         "imp_ptr": "*fp32",
@@ -86,6 +90,8 @@ def ptx_for_sm90() -> dict[str, str]:
     }
     kernels = {
         "greedy": (mmr_select._candidate_greedy_kernel, {"HAS_THRESHOLD": True, "BLOCK_C": 128}, 1),
+        "candidate sims": (mmr_select._candidate_sims_kernel, {"BLOCK_R": 16, "BLOCK_C": 128}, 4),
+        "unit rows": (mmr_select._unit_rows_kernel, {"BLOCK_D": 1024}, 4),
         "update": (mmr_select._update_kernel, {"BLOCK_N": 64, "BLOCK_C": 128}, 4),
     }
     return {
@@ -96,9 +102,12 @@ def ptx_for_sm90() -> dict[str, str]:
 
 def test_sm90_code_generation():
     ptx = ptx_from_fresh_process(__name__)
-    for code in ptx.values():
+    assert all(".target sm_90" in code for code in ptx.values())
+    for name in ("greedy", "update"):
         # The scores are rounded as the reference rounds them: no fused multiply-add.
-        assert ".target sm_90" in code and "fma.rn.f32" not in code
+        assert "fma.rn.f32" not in ptx[name]
+    # F.normalize's rounding: IEEE square root and division.
+    assert "sqrt.rn.f32" in ptx["unit rows"] and "div.rn.f32" in ptx["unit rows"]
 
 
 @pytest.mark.gpu
@@ -138,3 +147,51 @@ def test_ties_on_gpu(lambda_):
     importance = (torch.randint(-4, 5, (2, 2048), generator=generator) / 4.0).cuda()
     out = mmr_select_triton(x, importance, 512, lambda_)
     assert torch.equal(out, mmr_select_reference(x, importance, 512, lambda_))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unit_features_kernel_matches_the_reference(dtype):
+    torch.manual_seed(0)
+    features = (3 * torch.randn(2, 7, 1100)).to(dtype)  # D: two row tiles, the second masked
+    features[0, 3] = 0  # a zero row: divided by the 1e-12 floor, as F.normalize does
+    context = torch.randn(2, 1100)
+    unit, importance = unit_features_triton(features, context)
+    unit_ref, importance_ref = unit_features_reference(features, context)
+    assert unit.dtype == dtype
+    # Only the norm's summation order differs: unit rows within an ulp of the dtype.
+    ulp = 2**-7 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(unit.float(), unit_ref.float(), rtol=ulp, atol=0)
+    torch.testing.assert_close(importance, importance_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_the_triton_steps_prune_as_the_reference_steps():
+    """prune_tokens_forward with both Triton steps (the CUDA fallback path) vs the reference steps."""
+    torch.manual_seed(3)
+    centres = torch.randn(2, 12, 48).repeat_interleave(8, dim=1)
+    embeds = torch.cat([torch.randn(2, 5, 48), centres + 0.3 * torch.randn_like(centres)], dim=1)  # 5 text + 96
+    mask = torch.zeros(2, 101, dtype=torch.bool)
+    mask[:, 5:] = True
+    args = (embeds, mask, 96, 30, "mmr", 0.5, 1.0, 0)
+    triton_select = lambda *a: mmr_select_triton(*a, config=SMALL)  # noqa: E731
+    pruned, positions = prune_tokens_forward(*args, triton_select, unit_features_triton)
+    expected, expected_positions = prune_tokens_forward(*args)
+    assert torch.equal(positions, expected_positions) and torch.equal(pruned, expected)
+
+
+def test_fewer_than_two_candidates_are_rejected():
+    with pytest.raises(ValueError, match="CANDIDATES=1"):
+        mmr_select_triton(torch.randn(1, 8, 4), torch.randn(1, 8), 4, 0.5, config={"CANDIDATES": 1})
+
+
+@pytest.mark.gpu
+def test_graph_replays_serve_new_inputs_of_a_cached_shape():
+    """The second call of a shape replays the first call's round graph on new features."""
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        x = F.normalize(torch.randn(2, 1024, 256, device="cuda"), dim=-1).to(torch.bfloat16)
+        importance = torch.randn(2, 1024, device="cuda")
+        graphed = mmr_select_triton(x, importance, 300, 0.5, {"CANDIDATES": 64})
+        eager = mmr_select_triton(x, importance, 300, 0.5, {"CANDIDATES": 64, "cuda_graph": False})
+        assert torch.equal(graphed, eager)
+        for row, expected in enumerate(mmr_select_reference(x.float(), importance, 300, 0.5)):
+            assert_same_or_float_tie(x[row].double(), importance[row].double(), 0.5, graphed[row], expected)
