@@ -10,8 +10,9 @@ bf16, ternary ≥ 7× bf16 and faster than INT2.
 
 --variants times only M = 1: bf16 and every GEMV tile in `int2_gemm.GEMV_VARIANTS`,
 INT2_KMAJOR_VARIANTS (the K-major INT2 layout of `ops/kmajor.py`, which the int2-gptq recipe uses
-on CUDA) and `ternary_gemm.GEMV_VARIANTS` (each checked against the reference first; one that fails to compile
-or is wrong is reported as failed) and prints one table of same-run speedups over bf16.
+on CUDA), `ternary_gemm.GEMV_VARIANTS` and TERNARY_KMAJOR_VARIANTS (the K-major ternary layout of
+`ops/ternary_kmajor.py`), each checked against the reference first (one that fails to compile or
+is wrong is reported as failed), and prints one table of same-run speedups over bf16.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from angel_compile.kernels import int2_gemm, ternary_gemm
 from angel_compile.kernels.int2_gemm import int2_weight_only_linear_triton
 from angel_compile.kernels.kmajor_gemm import kmajor_linear_triton
 from angel_compile.kernels.ternary_gemm import ternary_3of4_linear_triton
+from angel_compile.kernels.ternary_kmajor import ternary_kmajor_linear_triton
 from angel_compile.ops.int2 import int2_weight_only_linear_reference, quantize_int2_rtn
 from angel_compile.ops.kmajor import to_kmajor
 from angel_compile.ops.ternary import quantize_ternary_3of4, ternary_3of4_linear_reference
+from angel_compile.ops.ternary_kmajor import to_ternary_kmajor
 
 # (role, N, K): out × in features; the issue writes them as K×N: 4096×14336 and 14336×4096.
 SHAPES = [("gate/up", 14336, 4096), ("down", 4096, 14336)]
@@ -47,6 +50,14 @@ INT2_KMAJOR_VARIANTS = {
     "n128": {"BLOCK_N": 128},
     "n128_k32": {"BLOCK_N": 128, "BLOCK_K": 32},
     "split8": {"SPLIT_K": 8},
+}
+# K-major ternary GEMV tiles (kernels/ternary_kmajor.py); {} is the default.
+TERNARY_KMAJOR_VARIANTS = {
+    "default": {},  # BLOCK_N 128, one span (128 k) a program
+    "n64_k256": {"BLOCK_N": 64, "K_PER_SPLIT": 256},
+    "k256": {"K_PER_SPLIT": 256},
+    "k512": {"K_PER_SPLIT": 512},
+    "n128_k256_w2": {"K_PER_SPLIT": 256, "num_warps": 2},
 }
 
 
@@ -77,6 +88,17 @@ class KMajorCopy:
 
     def __init__(self, q) -> None:
         self.words, self.scales, self.zeros = to_kmajor(q.packed, q.scales, q.zeros, 2)
+        self._nbytes = q.nbytes()
+
+    def nbytes(self) -> int:
+        return self._nbytes
+
+
+class TernaryKMajorCopy:
+    """A Ternary3of4Weight in the K-major layout (ops/ternary_kmajor.py): lo, hi, scales, nbytes()."""
+
+    def __init__(self, q, k: int) -> None:
+        self.lo, self.hi, self.scales = to_ternary_kmajor(q.packed, q.scales, k)
         self._nbytes = q.nbytes()
 
     def nbytes(self) -> int:
@@ -142,6 +164,14 @@ def _variants() -> None:
                 return y
 
             families.append(("ternary", ternary_variants, run_ternary, expected, ternary))
+            ternary_kmajor = [TernaryKMajorCopy(q, k) for q in ternary]
+
+            def run_ternary_kmajor(all_copies: bool, config: dict, copies=ternary_kmajor, x=x) -> torch.Tensor:
+                for q in copies if all_copies else copies[:1]:
+                    y = ternary_kmajor_linear_triton(x, q.lo, q.hi, q.scales, TERNARY_GROUP, config=config)
+                return y
+
+            families.append(("ternary K-major", TERNARY_KMAJOR_VARIANTS, run_ternary_kmajor, expected, ternary_kmajor))
         for family, variants, run, expected, copies in families:
             for name, config in variants.items():
                 us, note = _time_variant(functools.partial(run, config=config), expected, len(copies))
@@ -175,9 +205,13 @@ def main() -> None:
         bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(_copies(n * k * 2))]
         int2, ternary = _int2_copies(bf16, n, k), _ternary_copies(bf16, n, k)
         int2_kmajor = [KMajorCopy(q) for q in int2]
+        ternary_kmajor = [TernaryKMajorCopy(q, k) for q in ternary]
         for m in batches:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            q2, qk, qt = int2[0], int2_kmajor[0], ternary[0]
+            q2, qk, qt, qtk = int2[0], int2_kmajor[0], ternary[0], ternary_kmajor[0]
+            expected_ternary = ternary_3of4_linear_reference(
+                x.double(), qt.packed, qt.scales.double(), TERNARY_GROUP, None
+            )
             expected_int2 = int2_weight_only_linear_reference(
                 x.double(), q2.packed, q2.scales.double(), q2.zeros, INT2_GROUP, None
             )
@@ -186,9 +220,9 @@ def main() -> None:
                     int2_weight_only_linear_triton(x, q2.packed, q2.scales, q2.zeros, INT2_GROUP), expected_int2
                 ),
                 "int2k": _error(kmajor_linear_triton(x, qk.words, qk.scales, qk.zeros, 2, INT2_GROUP), expected_int2),
-                "ternary": _error(
-                    ternary_3of4_linear_triton(x, qt.packed, qt.scales, TERNARY_GROUP),
-                    ternary_3of4_linear_reference(x.double(), qt.packed, qt.scales.double(), TERNARY_GROUP, None),
+                "ternary": _error(ternary_3of4_linear_triton(x, qt.packed, qt.scales, TERNARY_GROUP), expected_ternary),
+                "ternaryk": _error(
+                    ternary_kmajor_linear_triton(x, qtk.lo, qtk.hi, qtk.scales, TERNARY_GROUP), expected_ternary
                 ),
             }
             assert max(errors.values()) < MAX_REL_ERROR, (role, m, errors)
@@ -209,6 +243,10 @@ def main() -> None:
                 for q in ternary:
                     ternary_3of4_linear_triton(x, q.packed, q.scales, TERNARY_GROUP)
 
+            def run_ternary_kmajor(x=x, copies=ternary_kmajor) -> None:
+                for q in copies:
+                    ternary_kmajor_linear_triton(x, q.lo, q.hi, q.scales, TERNARY_GROUP)
+
             times = {
                 "bf16": triton.testing.do_bench_cudagraph(run_bf16, rep=rep, return_mode="median") * 1e3 / len(bf16),
                 "int2": triton.testing.do_bench_cudagraph(run_int2, rep=rep, return_mode="median") * 1e3 / len(int2),
@@ -218,15 +256,19 @@ def main() -> None:
                 "ternary": triton.testing.do_bench_cudagraph(run_ternary, rep=rep, return_mode="median")
                 * 1e3
                 / len(ternary),
+                "ternaryk": triton.testing.do_bench_cudagraph(run_ternary_kmajor, rep=rep, return_mode="median")
+                * 1e3
+                / len(ternary),
             }
             weight_bytes = {"bf16": n * k * 2, "int2": int2[0].nbytes(), "ternary": ternary[0].nbytes()}
-            weight_bytes["int2k"] = weight_bytes["int2"]
+            weight_bytes["int2k"], weight_bytes["ternaryk"] = weight_bytes["int2"], weight_bytes["ternary"]
             rows.append((role, n, k, m, times, weight_bytes, errors))
     print("\nCUDA-graph medians per weight copy (µs); speedup = bf16 time / time; GB/s = weight bytes / time.")
-    print("int2: row-major bytes (ops/int2.py); int2 K-major: the words of ops/kmajor.py (the CUDA recipe's layout).")
-    columns = ["shape (N×K)", "M", "bf16 µs", "int2 µs", "int2 speedup", "int2 K-major µs", "int2 K-major speedup"]
-    columns += ["ternary µs", "ternary speedup", "ternary / int2", "bf16 GB/s", "int2 K-major GB/s", "ternary GB/s"]
-    columns += ["rel. err int2 / K-major / ternary"]
+    print("Row-major bytes (ops/int2.py, ops/ternary.py) and the K-major layouts the CUDA recipes use")
+    print("(ops/kmajor.py, ops/ternary_kmajor.py); ternary K-major vs int2 K-major = int2 K-major time / ternary's.")
+    columns = ["shape (N×K)", "M", "bf16 µs", "int2 µs", "×", "int2 K-major µs", "×", "ternary µs", "×"]
+    columns += ["ternary K-major µs", "×", "ternary K-major vs int2 K-major", "int2 K-major GB/s"]
+    columns += ["ternary K-major GB/s", "rel. err int2 / int2 K-major / ternary / ternary K-major"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for role, n, k, m, t, b, e in rows:
@@ -234,9 +276,10 @@ def main() -> None:
         print(
             f"| {role} {n}×{k} | {m} | {t['bf16']:.1f} | {t['int2']:.1f} | {t['bf16'] / t['int2']:.2f}× | "
             f"{t['int2k']:.1f} | {t['bf16'] / t['int2k']:.2f}× | "
-            f"{t['ternary']:.1f} | {t['bf16'] / t['ternary']:.2f}× | {t['int2'] / t['ternary']:.2f}× | "
-            f"{gbps['bf16']:,.0f} | {gbps['int2k']:,.0f} | {gbps['ternary']:,.0f} | "
-            f"{e['int2']:.1e} / {e['int2k']:.1e} / {e['ternary']:.1e} |"
+            f"{t['ternary']:.1f} | {t['bf16'] / t['ternary']:.2f}× | "
+            f"{t['ternaryk']:.1f} | {t['bf16'] / t['ternaryk']:.2f}× | {t['int2k'] / t['ternaryk']:.2f}× | "
+            f"{gbps['int2k']:,.0f} | {gbps['ternaryk']:,.0f} | "
+            f"{e['int2']:.1e} / {e['int2k']:.1e} / {e['ternary']:.1e} / {e['ternaryk']:.1e} |"
         )
 
 

@@ -281,13 +281,17 @@ def export_onnx_program(
     """
     register_schemas()
     if isinstance(module, torch.fx.GraphModule):
-        kmajor_ops = (torch.ops.angel.int4_kmajor_linear.default, torch.ops.angel.int2_kmajor_linear.default)
+        kmajor_ops = (
+            torch.ops.angel.int4_kmajor_linear.default,
+            torch.ops.angel.int2_kmajor_linear.default,
+            torch.ops.angel.ternary_kmajor_linear.default,
+        )
         kmajor = [n.name for n in module.graph.nodes if n.target in kmajor_ops]
         if kmajor:
             raise UnsupportedError(
-                f"ONNX export: nodes {kmajor} hold INT4/INT2 weights in the K-major layout of the Triton "
-                "kernels (pass 'kmajor_layout'); export a model compiled without that pass (or with its "
-                "weights on CPU), whose INT4/INT2 layers become com.microsoft.MatMulNBits"
+                f"ONNX export: nodes {kmajor} hold INT4/INT2/ternary weights in the K-major layout of the "
+                "Triton kernels (pass 'kmajor_layout'); export a model compiled without that pass (or with "
+                "its weights on CPU), whose layers keep their ONNX layouts (MatMulNBits, ai.angel ternary)"
             )
         targets = {n.target for n in module.graph.nodes if n.op == "call_function"}
         opset_version = max([opset_version] + [REQUIRED_OPSET[t] for t in targets if t in REQUIRED_OPSET])

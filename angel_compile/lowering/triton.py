@@ -16,6 +16,7 @@ from angel_compile.ops.kmajor import int2_kmajor_linear, int4_kmajor_linear
 from angel_compile.ops.prune_tokens import prune_tokens
 from angel_compile.ops.sparse_attention import sparse_attention
 from angel_compile.ops.ternary import ternary_3of4_linear
+from angel_compile.ops.ternary_kmajor import ternary_kmajor_linear
 from angel_compile.ops.w8a8_int8 import w8a8_int8_linear
 
 
@@ -99,6 +100,20 @@ def _kmajor_linear_cuda(bits: int):
 
 int4_kmajor_linear.register_kernel("cuda")(_kmajor_linear_cuda(4))
 int2_kmajor_linear.register_kernel("cuda")(_kmajor_linear_cuda(2))
+
+
+@ternary_kmajor_linear.register_kernel("cuda")
+def _ternary_kmajor_linear_cuda(
+    x: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    from angel_compile.kernels.ternary_kmajor import ternary_kmajor_linear_triton
+
+    return ternary_kmajor_linear_triton(x, lo, hi, scales, group_size, bias)
 
 
 @w4a8_linear.register_kernel("cuda")

@@ -12,6 +12,7 @@ from angel_compile.ops.kmajor import int2_kmajor_linear, int4_kmajor_linear
 from angel_compile.ops.prune_tokens import prune_tokens
 from angel_compile.ops.sparse_attention import sparse_attention
 from angel_compile.ops.ternary import ternary_3of4_linear
+from angel_compile.ops.ternary_kmajor import ternary_kmajor_linear
 from angel_compile.ops.w8a8_int8 import w8a8_int8_linear
 
 ANGEL_NAMESPACE = "angel"
@@ -27,6 +28,7 @@ __all__ = [
     "prune_tokens",
     "sparse_attention",
     "ternary_3of4_linear",
+    "ternary_kmajor_linear",
     "w4a8_linear",
     "w8a8_int8_linear",
 ]

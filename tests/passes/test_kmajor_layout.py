@@ -104,3 +104,40 @@ def test_onnx_export_of_the_kmajor_layout_names_the_node(int4_graph, tmp_path):
     gm = KMajorLayout(devices=("cpu",))(gm, PassContext()).graph_module
     with pytest.raises(UnsupportedError, match=r"int4_kmajor_linear.*K-major.*kmajor_layout.*MatMulNBits"):
         export_onnx_program(gm, (x,), None, tmp_path / "model.onnx")
+
+
+def _ternary_graph(in_features: int):
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(in_features, 48), torch.nn.ReLU()).eval()
+    x = torch.randn(4, in_features)
+    gm = capture_model(model, (x,))
+    scheme = {"type": "ternary", "packing": "3of4", "group_size": 32}
+    return Quantize(scheme=scheme)(gm, PassContext()).graph_module, x
+
+
+def test_converts_a_ternary_layer_with_the_same_codes_and_output():
+    from angel_compile.ops.ternary import unpack_codes
+    from angel_compile.ops.ternary_kmajor import ternary_kmajor_codes
+
+    gm, x = _ternary_graph(128)
+    expected = gm(x)
+    row_major, kmajor = torch.ops.angel.ternary_3of4_linear.default, torch.ops.angel.ternary_kmajor_linear.default
+    packed = next(n for n in gm.graph.nodes if n.target == row_major).args[1]
+    codes = unpack_codes(get_attr_value(gm, packed.target))
+    result = KMajorLayout(devices=("cpu",))(gm, PassContext())
+    gm = result.graph_module
+    assert result.stats.rewritten == 1 and _count(gm, row_major) == 0 and _count(gm, kmajor) == 1
+    node = next(n for n in gm.graph.nodes if n.target == kmajor)
+    lo, hi = (get_attr_value(gm, arg.target) for arg in node.args[1:3])
+    assert lo.shape == (4, 48) and hi.shape == (1, 48)
+    assert torch.equal(ternary_kmajor_codes(lo, hi), codes)
+    assert torch.equal(gm(x), expected)  # the same function, bit for bit
+
+
+def test_a_ternary_layer_with_k_not_a_multiple_of_128_stays_and_says_why():
+    gm, _ = _ternary_graph(96)
+    result = KMajorLayout(devices=("cpu",))(gm, PassContext())
+    assert not result.modified and result.stats.matched == 1
+    (reason,) = result.stats.skipped.values()
+    assert "not divisible by 128" in reason
+    assert [spec.name for spec in angel_compile.load_recipe("ternary-1.25").passes] == ["quantize", "kmajor_layout"]

@@ -1,0 +1,175 @@
+"""Triton kernels for `angel::ternary_kmajor_linear` (3:4 ternary in the K-major layout of `ops/ternary_kmajor.py`).
+
+lo int32 [K/32, N] (8 low code nibbles a word), hi int32 [K/128, N] (32 high code bits a word),
+scales [K/g, N]; y [M, N] in x's dtype, fp32 accumulation, any N (masked), K % 128 == 0.
+
+- M == 1 (decode): two launches.
+  `_table_kernel` writes T [K/4, 32] fp32, T[b, c] = Σ_p t_p(c) x[4b + p] (the 32 partial dot
+  products a block of 4 weights can contribute, in p order), 512 bytes per 16 weights of x.
+  `_gemv_kernel`: a program owns BLOCK_N output channels and the spans (128 k) of one K split; per
+  span it reads one hi word row and four lo word rows (N contiguous: 16-byte loads of 4 channels a
+  thread), and per block the code c = nibble | high bit << 4 (two shifts, two masks, an OR) selects
+  T[b, c]: one load that every lane of a warp makes from the same 128-byte row of T (one L1
+  wavefront), and one add. Scales multiply a chunk's (32 k) or a span's sum once. No
+  multiplication per weight. Split K as in `kernels/kmajor_gemm.py` (`split_k.last_split_total`).
+- M > 1: `_dequantize_kernel` writes Wᵀ [K, N] in x's dtype and cuBLAS multiplies.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from angel_compile.kernels.split_k import gemv_workspace, last_split_total, split_k_tiles
+from angel_compile.kernels.tiling import rows_and_contiguous
+
+SPAN = 128  # k per hi word
+GEMV_CONFIG = {"BLOCK_N": 128, "num_warps": 1}
+GEMV_K_PER_SPLIT = 128  # k per program (one span): the K split is the smallest power of two leaving at most this
+
+
+@triton.jit
+def _code_weight(codes, p: tl.constexpr):
+    """t_p ∈ {−1, 0, 1} (fp32) of 5-bit codes c = z << 3 | s (`ops/ternary.py`)."""
+    z = codes >> 3
+    j = p - (z < p).to(tl.int32)  # the rank of p among the non-zero positions
+    negative = (codes >> j) & 1
+    return tl.where(z == p, 0.0, 1.0 - 2.0 * negative.to(tl.float32))
+
+
+@triton.jit
+def _table_kernel(x_ptr, table_ptr, BLOCKS, BLOCK_B: tl.constexpr):
+    blocks = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
+    valid = blocks < BLOCKS
+    codes = tl.arange(0, 32)  # [32]
+    table = tl.zeros((BLOCK_B, 32), dtype=tl.float32)
+    for p in tl.static_range(4):
+        x = tl.load(x_ptr + 4 * blocks + p, mask=valid, other=0.0).to(tl.float32)
+        table += x[:, None] * _code_weight(codes, p)[None, :]
+    tl.store(table_ptr + blocks[:, None] * 32 + codes[None, :], table, mask=valid[:, None])
+
+
+@triton.jit
+def _gemv_kernel(
+    table_ptr, lo_ptr, hi_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, arrived_ptr,
+    N, K, stride_lo, stride_hi, stride_s,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    span_begin, span_end = split_k_tiles(K // 128, tl.program_id(1), SPLIT_K)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for q in range(span_begin, span_end):
+        hi = tl.load(hi_ptr + q * stride_hi + offs_n, mask=n_mask, other=0)
+        span_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for r in tl.static_range(4):
+            row = 4 * q + r  # chunk row: k 32·row .. 32·row + 31
+            lo = tl.load(lo_ptr + row * stride_lo + offs_n, mask=n_mask, other=0, eviction_policy="evict_first")
+            chunk_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for i in tl.static_range(8):
+                code = ((lo >> (4 * i)) & 15) | (((hi >> (8 * r + i)) & 1) << 4)
+                chunk_sum += tl.load(table_ptr + (8 * row + i) * 32 + code)
+            if GROUP % 128 == 0:
+                span_sum += chunk_sum
+            else:  # a group of 32 or 64 k: scale each chunk
+                scale = tl.load(s_ptr + (32 * row // GROUP) * stride_s + offs_n, mask=n_mask, other=0.0)
+                acc = tl.fma(chunk_sum, scale.to(tl.float32), acc)
+        if GROUP % 128 == 0:
+            scale = tl.load(s_ptr + (128 * q // GROUP) * stride_s + offs_n, mask=n_mask, other=0.0)
+            acc = tl.fma(span_sum, scale.to(tl.float32), acc)
+    y, last = last_split_total(acc, offs_n, n_mask, partial_ptr, arrived_ptr, pid_n, SPLIT_K)
+    if last:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _dequantize_kernel(
+    lo_ptr, hi_ptr, s_ptr, out_ptr, N, stride_lo, stride_hi, stride_s, stride_ok,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # One chunk row (32 k) × BLOCK_N channels of Wᵀ [K, N] per program.
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row = tl.program_id(1)
+    n_mask = offs_n < N
+    lo = tl.load(lo_ptr + row * stride_lo + offs_n, mask=n_mask, other=0)
+    hi = tl.load(hi_ptr + (row // 4) * stride_hi + offs_n, mask=n_mask, other=0)
+    scale = tl.load(s_ptr + (32 * row // GROUP) * stride_s + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    for i in tl.static_range(8):
+        code = ((lo >> (4 * i)) & 15) | (((hi >> (8 * (row % 4) + i)) & 1) << 4)
+        for p in tl.static_range(4):
+            w = _code_weight(code, p) * scale
+            out_ptrs = out_ptr + (32 * row + 4 * i + p) * stride_ok + offs_n
+            tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+def gemv_split(spans: int, k_per_split: int = GEMV_K_PER_SPLIT) -> int:
+    """Splits of the K spans: the smallest power of two leaving at most max(1, k_per_split / 128) spans each."""
+    per_split = max(1, k_per_split // SPAN)
+    split = 1
+    while split * per_split < spans:
+        split *= 2
+    return split
+
+
+def _gemv(x2, lo, hi, scales, group_size, bias, config):
+    k, n = x2.shape[1], lo.shape[1]
+    meta = {**GEMV_CONFIG, **(config or {})}
+    split = meta.pop("SPLIT_K", None) or gemv_split(k // SPAN, meta.pop("K_PER_SPLIT", GEMV_K_PER_SPLIT))
+    table = torch.empty(k // 4, 32, dtype=torch.float32, device=x2.device)
+    block_b = 32
+    _table_kernel[(triton.cdiv(k // 4, block_b),)](x2, table, k // 4, BLOCK_B=block_b, num_warps=4)
+    row_blocks = triton.cdiv(n, meta["BLOCK_N"])
+    partial, arrived = gemv_workspace(x2.device, n, row_blocks)
+    out = x2.new_empty((1, n))
+    _gemv_kernel[(row_blocks, split)](
+        table, lo, hi, scales, scales if bias is None else bias, out, partial, arrived,
+        n, k, lo.stride(0), hi.stride(0), scales.stride(0),
+        GROUP=group_size, HAS_BIAS=bias is not None, SPLIT_K=split, **meta,
+    )  # fmt: skip
+    return out
+
+
+def dequantize_ternary_kmajor_triton(
+    lo: torch.Tensor, hi: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Wᵀ [K, N] in `dtype` from the K-major layout (CUDA)."""
+    k, n = 32 * lo.shape[0], lo.shape[1]
+    out = torch.empty((k, n), dtype=dtype, device=lo.device)
+    block_n = 128
+    _dequantize_kernel[(triton.cdiv(n, block_n), k // 32)](
+        lo, hi, scales, out, n, lo.stride(0), hi.stride(0), scales.stride(0), out.stride(0),
+        GROUP=group_size, BLOCK_N=block_n,
+    )  # fmt: skip
+    return out
+
+
+def ternary_kmajor_linear_triton(
+    x: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """x [..., K] float -> [..., N] in x's dtype.
+
+    `config` (BLOCK_N, num_warps, SPLIT_K or K_PER_SPLIT) replaces the GEMV's tile; M > 1
+    dequantizes Wᵀ for cuBLAS.
+    """
+    *lead, k = x.shape
+    n = lo.shape[1]
+    x2, lo, hi, scales, bias = rows_and_contiguous(x, lo, hi, scales, bias)  # x2 [M, K]
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty((*lead, n))
+    if m == 1:
+        out = _gemv(x2, lo, hi, scales, group_size, bias, config)
+    else:
+        w_t = dequantize_ternary_kmajor_triton(lo, hi, scales, group_size, x.dtype)  # [K, N]
+        out = torch.addmm(bias, x2, w_t) if bias is not None else x2 @ w_t
+    return out.reshape(*lead, n)
