@@ -36,9 +36,9 @@ import triton.language as tl
 
 from angel_compile.kernels.int4_gemm import dequantize_groupwise
 from angel_compile.kernels.split_k import (
+    finish_gemv,
     finish_split_k,
     gemv_workspace,
-    last_split_total,
     split_k_for,
     split_k_output,
     split_k_tiles,
@@ -133,11 +133,8 @@ def _gemv_kernel(
         else:
             zero = 2.0
         acc += (tl.sum(dot, axis=2) * (2.0**64) - zero * tl.sum(x_sum, axis=2)) * scale
-    y, last = last_split_total(tl.sum(acc, axis=1), offs_n, n_mask, partial_ptr, arrived_ptr, tl.program_id(0), SPLIT_K)
-    if last:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+    total = tl.sum(acc, axis=1)
+    finish_gemv(total, offs_n, n_mask, partial_ptr, arrived_ptr, tl.program_id(0), bias_ptr, out_ptr, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit

@@ -35,9 +35,9 @@ import triton.language as tl
 
 from angel_compile.kernels.int4_gemm import DEQUANTIZE_MIN_M, _nibble_to_fp32
 from angel_compile.kernels.split_k import (
+    finish_gemv,
     finish_split_k,
     gemv_workspace,
-    last_split_total,
     split_k_for,
     split_k_output,
     split_k_tiles,
@@ -121,11 +121,7 @@ def _gemv_kernel(
     else:
         zeros = float(1 << (BITS - 1))
     total -= tl.sum(zeros * scales * x_sum[:, None], axis=0)
-    y, last = last_split_total(total, offs_n, n_mask, partial_ptr, arrived_ptr, pid_n, SPLIT_K)
-    if last:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+    finish_gemv(total, offs_n, n_mask, partial_ptr, arrived_ptr, pid_n, bias_ptr, out_ptr, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit

@@ -94,3 +94,17 @@ def last_split_total(acc, offs_n, n_mask, partial_ptr, arrived_ptr, row_block, S
             tl.store(partial_ptr + offs_n, tl.zeros_like(acc), mask=n_mask)
             tl.store(arrived_ptr + row_block, 0)
     return acc, last
+
+
+@triton.jit
+def finish_gemv(
+    acc, offs_n, n_mask, partial_ptr, arrived_ptr, row_block, bias_ptr, out_ptr,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    """The decode GEMVs' epilogue: the total of the splits (`last_split_total`), to which the last
+    split adds the bias before writing y [N] in out's dtype."""
+    y, last = last_split_total(acc, offs_n, n_mask, partial_ptr, arrived_ptr, row_block, SPLIT_K)
+    if last:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)

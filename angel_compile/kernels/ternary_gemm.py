@@ -35,9 +35,9 @@ import triton
 import triton.language as tl
 
 from angel_compile.kernels.split_k import (
+    finish_gemv,
     finish_split_k,
     gemv_workspace,
-    last_split_total,
     split_k_for,
     split_k_output,
     split_k_tiles,
@@ -164,11 +164,7 @@ def _gemv_kernel(
         g = (k0 + offs_s * 128 + offs_g * (128 // NGS)) // GROUP  # [S, NGS, 1, 1, 1] scale group
         scale = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask & s_valid, other=0.0).to(tl.float32)
         acc += tl.sum(tl.sum(tl.sum(sums * scale, axis=2), axis=1), axis=0)
-    acc, last = last_split_total(acc, offs_n, n_mask, partial_ptr, arrived_ptr, tl.program_id(0), SPLIT_K)
-    if last:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+    finish_gemv(acc, offs_n, n_mask, partial_ptr, arrived_ptr, tl.program_id(0), bias_ptr, out_ptr, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit

@@ -11,7 +11,7 @@ scales [K/g, N]; y [M, N] in x's dtype, fp32 accumulation, any N (masked), K % 1
   thread), and per block the code c = nibble | high bit << 4 (two shifts, two masks, an OR) selects
   T[b, c]: one load that every lane of a warp makes from the same 128-byte row of T (one L1
   wavefront), and one add. Scales multiply a chunk's (32 k) or a span's sum once. No
-  multiplication per weight. Split K as in `kernels/kmajor_gemm.py` (`split_k.last_split_total`).
+  multiplication per weight. Split K as in `kernels/kmajor_gemm.py` (`split_k.finish_gemv`).
 - M > 1: `_dequantize_kernel` writes Wᵀ [K, N] in x's dtype and cuBLAS multiplies.
 """
 
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from angel_compile.kernels.split_k import gemv_workspace, last_split_total, split_k_tiles
+from angel_compile.kernels.split_k import finish_gemv, gemv_workspace, split_k_tiles
 from angel_compile.kernels.tiling import rows_and_contiguous
 
 SPAN = 128  # k per hi word
@@ -79,11 +79,7 @@ def _gemv_kernel(
         if GROUP % 128 == 0:
             scale = tl.load(s_ptr + (128 * q // GROUP) * stride_s + offs_n, mask=n_mask, other=0.0)
             acc = tl.fma(span_sum, scale.to(tl.float32), acc)
-    y, last = last_split_total(acc, offs_n, n_mask, partial_ptr, arrived_ptr, pid_n, SPLIT_K)
-    if last:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+    finish_gemv(acc, offs_n, n_mask, partial_ptr, arrived_ptr, pid_n, bias_ptr, out_ptr, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit

@@ -1,10 +1,16 @@
 """angel::prune_tokens on a GPU (CUDA graphs per shape, `lowering/prune_tokens_cuda.py`) vs the CPU reference."""
 
+import copy
+
 import pytest
 import torch
 
+from angel_compile.capture import capture_model
 from angel_compile.lowering import prune_tokens_cuda
 from angel_compile.ops.prune_tokens import prune_tokens_forward
+from angel_compile.passes.base import PassContext
+from angel_compile.passes.token_pruning import TokenPruning
+from tests.passes.token_pruning_models import TOKEN, tiny_dynamic_shapes, tiny_inputs
 
 pytestmark = pytest.mark.gpu
 
@@ -41,3 +47,36 @@ def test_graphed_op_rejects_rows_with_another_token_count():
     mask[1, 0] = True  # row 1 now has 1025 modality tokens
     with pytest.raises(ValueError, match=r"counts \[1024, 1025\]"):
         torch.ops.angel.prune_tokens(embeds.cuda(), mask.cuda(), 1024, 200, "mmr", 0.5, 1.0, 0)
+
+
+class _MergeThenMix(torch.nn.Module):
+    """Embeddings with projected features scattered in at TOKEN, then a per-token MLP over embeddings + positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 32)
+        self.project = torch.nn.Linear(12, 32)
+        self.position = torch.nn.Embedding(64, 32)
+        self.out = torch.nn.Linear(32, 16)
+
+    def forward(self, input_ids: torch.Tensor, features: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        mask = (input_ids == TOKEN).unsqueeze(-1)
+        embeds = self.embed(input_ids).masked_scatter(mask, self.project(features))
+        return self.out(torch.relu(embeds + self.position(position_ids)))
+
+
+def test_the_pass_on_a_cuda_graph_module_matches_the_cpu_one():
+    """token_pruning's graph run on the GPU (the graphed op inside an FX graph) vs the same graph on CPU."""
+    torch.manual_seed(0)
+    model = _MergeThenMix().eval()
+    inputs = tiny_inputs(batch=2)
+    gm = capture_model(model, (), inputs, tiny_dynamic_shapes())
+    gm = TokenPruning(ratio=0.5)(gm, PassContext()).graph_module
+    gm_cuda = copy.deepcopy(gm).cuda()
+    with torch.no_grad():
+        for seed, before in ((0, 3), (1, 9)):  # two text lengths: one graph, two cached op shapes
+            case = tiny_inputs(batch=2, before=before, seed=seed)
+            expected = gm(**case)
+            out = gm_cuda(**{name: value.cuda() for name, value in case.items()})
+            assert out.shape == expected.shape == (2, before + 4 + 10, 16)
+            torch.testing.assert_close(out.cpu(), expected, rtol=1e-4, atol=1e-4)
