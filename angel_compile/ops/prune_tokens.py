@@ -29,8 +29,9 @@ each row); the others are text and always kept. Of the N modality tokens, `keep`
 With keep = N nothing is merged or dropped: pruned == embeds and positions == arange(S).
 The reference below is the CPU implementation. On CUDA (`lowering/triton.py`) the unit features
 and importance come from one Triton pass over the features and the greedy MMR runs as the exact
-lazy (candidate-round) greedy, both in `kernels/mmr_select.py`; the rest stays PyTorch ops, with
-one host sync (the token-count check).
+lazy (candidate-round) greedy, both in `kernels/mmr_select.py`; MMR without merging replays the
+whole op as CUDA graphs cached per shape (`lowering/prune_tokens_cuda.py`), the other methods run
+`prune_tokens_forward` with those two steps.
 """
 
 from __future__ import annotations
