@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from angel_compile.kernels.kmajor_gemm import gemv_split
 from angel_compile.kernels.split_k import finish_gemv, gemv_workspace, split_k_tiles
 from angel_compile.kernels.tiling import rows_and_contiguous
 
@@ -102,19 +103,11 @@ def _dequantize_kernel(
             tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-def gemv_split(spans: int, k_per_split: int = GEMV_K_PER_SPLIT) -> int:
-    """Splits of the K spans: the smallest power of two leaving at most max(1, k_per_split / 128) spans each."""
-    per_split = max(1, k_per_split // SPAN)
-    split = 1
-    while split * per_split < spans:
-        split *= 2
-    return split
-
-
 def _gemv(x2, lo, hi, scales, group_size, bias, config):
     k, n = x2.shape[1], lo.shape[1]
     meta = {**GEMV_CONFIG, **(config or {})}
-    split = meta.pop("SPLIT_K", None) or gemv_split(k // SPAN, meta.pop("K_PER_SPLIT", GEMV_K_PER_SPLIT))
+    # spans (128 k) play the role of gemv_split's groups
+    split = meta.pop("SPLIT_K", None) or gemv_split(k // SPAN, SPAN, meta.pop("K_PER_SPLIT", GEMV_K_PER_SPLIT))
     table = torch.empty(k // 4, 32, dtype=torch.float32, device=x2.device)
     block_b = 32
     _table_kernel[(triton.cdiv(k // 4, block_b),)](x2, table, k // 4, BLOCK_B=block_b, num_warps=4)
