@@ -27,7 +27,7 @@ from angel_compile.kernels.tiling import rows_and_contiguous
 
 SPAN = 128  # k per hi word
 GEMV_CONFIG = {"BLOCK_N": 128, "num_warps": 1}
-GEMV_K_PER_SPLIT = 128  # k per program (one span): the K split is the smallest power of two leaving at most this
+GEMV_K_PER_SPLIT = 128  # k per program (one span): K / 128 splits
 
 
 @triton.jit

@@ -36,6 +36,7 @@ def _case(bits, m, n, k, group, symmetric, dtype, bias, device="cpu"):
     "n, k, group, symmetric, bias, config",
     [
         (80, 256, 64, False, True, None),  # default tile: 2 channel blocks, the last one masked
+        (24, 448, 64, False, True, None),  # default split of 7 groups: 4 + 3
         (48, 384, 32, True, False, {"SPLIT_K": 5}),  # 12 groups over 5 splits: uneven, GPS = 4
         (40, 256, 128, False, True, {"BLOCK_N": 16, "BLOCK_K": 128}),  # one K tile per group
         (32, 128, 16, False, False, {"SPLIT_K": 8}),  # group 16: one or two word rows per K tile
@@ -51,9 +52,10 @@ def test_gemv_matches_reference(bits, dtype, n, k, group, symmetric, bias, confi
 
 def test_gemv_split_leaves_about_256_k_per_split():
     assert gemv_split(32, 128) == 16  # INT4 gate/up 14336×4096: 2 groups a split
-    assert gemv_split(112, 128) == 64  # down 4096×14336: 1.75 groups a split, the last 8 splits empty
+    assert gemv_split(112, 128) == 56  # down 4096×14336: 2 groups a split, no empty split
     assert gemv_split(64, 64) == 16  # INT2 group 64, K = 4096: 4 groups a split
-    assert gemv_split(3, 512) == 4 and gemv_split(1, 128) == 1  # at least one group a split
+    assert gemv_split(7, 64) == 2  # 4 groups, then the 3 left
+    assert gemv_split(3, 512) == 3 and gemv_split(1, 128) == 1  # at least one group a split
 
 
 def test_gemv_workspace_is_left_clean_between_calls():
