@@ -47,10 +47,7 @@ def capture_model(
         program = model
     elif isinstance(model, torch.nn.Module):
         try:
-            with torch.no_grad():
-                program = torch.export.export(
-                    model, tuple(example_args), dict(example_kwargs or {}), dynamic_shapes=dynamic_shapes, strict=False
-                )
+            program = _export(model, tuple(example_args), dict(example_kwargs or {}), dynamic_shapes)
         except Exception as exc:
             raise CaptureError(
                 f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "
@@ -63,6 +60,30 @@ def capture_model(
         # torch's own pytree deprecation warning, raised while it copies the program.
         warnings.simplefilter("ignore", FutureWarning)
         return program.run_decompositions(DECOMPOSITIONS).module()
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> torch.export.ExportedProgram:
+    """torch.export (non-strict); where the dynamic dims' constraints fail, again with the guards as runtime asserts.
+
+    torch 2.11 cannot prove some guards that hold for every size, e.g. min(64·s, 192·s) == 64·s
+    for the sequence length s of SmolLM2 (9 query / 3 KV heads of 64), and rejects the declared
+    dynamic dim ("Constraints violated"). Deferred to run time, such a guard becomes an assert in
+    the graph, which passes; a guard that fails for some size raises when the graph runs at it.
+    """
+    with torch.no_grad():
+        try:
+            return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception as exc:
+            if dynamic_shapes is None or "Constraints violated" not in str(exc):
+                raise
+            return torch.export.export(
+                model,
+                args,
+                kwargs,
+                dynamic_shapes=dynamic_shapes,
+                strict=False,
+                prefer_deferred_runtime_asserts_over_guards=True,
+            )
 
 
 def parameter_path(source_name: str, fallback: str) -> str:
