@@ -8,6 +8,9 @@ buffers and three CUDA graphs:
     the greedy's first pick, and a flag for rows whose modality-token count is wrong;
   - round: one candidate round, replayed until every row has its picks (host syncs as in
     `mmr_select_rounds`; the first sync also reads the flag and raises on bad input);
+  - status: the picks still missing and the flag, copied into pinned host memory, so that each
+    sync is one small graph and a stream synchronize rather than a few eager kernels and a
+    pageable copy;
   - finish: the picks in ascending order, the kept positions and the pruned sequence.
 A call copies its inputs into the buffers, replays the graphs and returns copies of the outputs:
 the same values as `prune_tokens_forward` with the Triton steps. Only MMR (and diversity)
@@ -43,7 +46,10 @@ class GraphedMmrPrune:
         self.mask = torch.empty_like(mask)
         features = embeds.new_empty((batch, num_tokens, dim))
         self.greedy = GraphedGreedy(LazyGreedy(features, keep, lambda_, DEFAULT_CONFIG))
+        self.status = torch.empty(2, dtype=torch.int32, device=embeds.device)  # [picks still missing, bad rows]
+        self.status_host = torch.empty(2, dtype=torch.int32, pin_memory=True)
         self.prepare_graph: torch.cuda.CUDAGraph | None = None
+        self.status_graph: torch.cuda.CUDAGraph | None = None
         self.finish_graph: torch.cuda.CUDAGraph | None = None
 
     def _prepare(self) -> None:
@@ -51,6 +57,24 @@ class GraphedMmrPrune:
         unit, importance = unit_features_triton(features, context_embedding(self.embeds, text_positions, features))
         self.greedy.greedy.start(unit, importance)
         self.bad_rows = (self.mask.sum(dim=1) != self.num_tokens).any().to(torch.int32)
+
+    def _status(self) -> None:
+        self.status[0] = (self.keep - self.greedy.greedy.done).max()
+        self.status[1] = self.bad_rows
+        self.status_host.copy_(self.status, non_blocking=True)
+
+    def _read_status(self) -> tuple[int, int]:
+        """(picks still missing in the worst row, whether any row has a wrong token count): a host sync."""
+        if self.status_graph is None:  # the first read runs eagerly, then is captured
+            self._status()
+            self.status_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.status_graph):
+                self._status()
+        else:
+            self.status_graph.replay()
+        torch.cuda.current_stream(self.status.device).synchronize()
+        left, bad = self.status_host.tolist()
+        return left, bad
 
     def _finish(self) -> None:
         chosen = ascending(self.greedy.greedy.out, self.num_tokens)
@@ -72,7 +96,7 @@ class GraphedMmrPrune:
         while True:
             for _ in range(state.rounds_for(left)):
                 self.greedy.round()
-            left, bad = torch.stack([(self.keep - state.done).max(), self.bad_rows]).tolist()  # a host sync
+            left, bad = self._read_status()
             if bad:  # rows with another modality-token count ran on clamped positions: reject the call
                 check_counts(mask, self.num_tokens, self.keep)
             if left <= 0:
