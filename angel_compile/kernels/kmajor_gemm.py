@@ -20,7 +20,10 @@ accumulation, any M and N (masked edges), K % g == 0. BITS (4 or 2) is a constex
   latency-bound, so the launch makes many short one-warp programs of about GEMV_K_PER_SPLIT k
   each (`gemv_split`); the split that finishes a channel block last adds the bias and writes y
   (`split_k.last_split_total`), one launch per call.
-- 1 < M < 256, `_gemm_kernel`: each [BLOCK_K/F, BLOCK_N] word tile is unpacked by shifts to a
+- 1 < M <= SMALL_M_GEMV_MAX_M, `_small_m_gemv_kernel`: the GEMV's decoding, one word row a
+  step, each weight decoded once (one AND) for all M rows (one FFMA a row), split K and the
+  last-split epilogue as for M == 1 (the workspace holds [M, N] sums).
+- otherwise 1 < M < 256, `_gemm_kernel`: each [BLOCK_K/F, BLOCK_N] word tile is unpacked by shifts to a
   [BLOCK_K, BLOCK_N] code tile (k order), dequantized to x's dtype ((q − z) · s, one group per
   K tile) and multiplied on tensor cores (`tl.dot`); one 16-row tile covers M <= 16 (W read
   once); split K for the small-M tile as in `kernels/int4_gemm.py`.
@@ -39,6 +42,7 @@ from angel_compile.kernels.split_k import (
     finish_gemv,
     finish_split_k,
     gemv_workspace,
+    last_split_total,
     split_k_for,
     split_k_output,
     split_k_tiles,
@@ -53,22 +57,32 @@ from angel_compile.kernels.tiling import grouped_tile, rows_and_contiguous
 GEMV_CONFIG = {"BLOCK_N": 64, "num_warps": 1, "num_stages": 1}
 GEMV_WORD_ROWS = {4: 2, 2: 4}  # BLOCK_K = 16 (INT4), 64 (INT2) unless a config sets BLOCK_K
 GEMV_K_PER_SPLIT = 256
-# 1 < M <= 16: one 16-row tile; SPLIT_K is chosen per shape by `split_k_for`.
+# 1 < M <= SMALL_M_GEMV_MAX_M: the GEMV's decoding shared by the rows (`_small_m_gemv_kernel`),
+# one-warp programs of 256 channels, ~256 k a split: the best of an H100 sweep on the INT4 gate/up
+# shape at M = 2..4 (benchmarks/RESULTS.md); at M = 8 the tl.dot GEMM is faster.
+SMALL_M_GEMV_MAX_M = 4
+SMALL_M_GEMV_CONFIG = {"BLOCK_N": 256, "num_warps": 1, "num_stages": 1}
+# otherwise M <= 16: one 16-row tile; SPLIT_K is chosen per shape by `split_k_for`.
 SMALL_M_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
 # 16 < M < 256
 LARGE_M_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
 
 
 @triton.jit
-def _scaled_x(x_ptr, offs, SHIFT: tl.constexpr):
-    """x[offs] as fp32 times 2^(85 − SHIFT): exact (a power of two)."""
+def _scale_x(raw, SHIFT: tl.constexpr):
+    """Loaded x as fp32 times 2^(85 − SHIFT): exact (a power of two)."""
     EXPONENT: tl.constexpr = 85 - SHIFT
-    raw = tl.load(x_ptr + offs)
-    if x_ptr.dtype.element_ty == tl.bfloat16:
+    if raw.dtype == tl.bfloat16:
         # bf16 bits << 16 are the fp32 bits of x; adding EXPONENT to the exponent field scales it.
         bits = raw.to(tl.uint16, bitcast=True).to(tl.uint32) * 65536 + (EXPONENT << 23)
         return bits.to(tl.float32, bitcast=True)
     return raw.to(tl.float32) * (2.0**EXPONENT)
+
+
+@triton.jit
+def _scaled_x(x_ptr, offs, SHIFT: tl.constexpr):
+    """x[offs] as fp32 times 2^(85 − SHIFT)."""
+    return _scale_x(tl.load(x_ptr + offs), SHIFT)
 
 
 @triton.jit
@@ -122,6 +136,69 @@ def _gemv_kernel(
         acc = tl.fma(dot, scale[None, :], acc)
     total = tl.sum(acc, axis=0) * (2.0**64) - zero_term  # [BLOCK_N]
     finish_gemv(total, offs_n, n_mask, partial_ptr, arrived_ptr, pid_n, bias_ptr, out_ptr, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _small_m_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, partial_ptr, arrived_ptr,
+    M, N, K, stride_xm, stride_wk, stride_sk, stride_om,
+    BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, GPS: tl.constexpr,
+):  # fmt: skip
+    # One word row a step: field f's weights [BLOCK_N] are decoded once (one AND) and used by the
+    # BLOCK_M rows of x (one FFMA each); x of a step is the same in every lane.
+    FIELDS: tl.constexpr = 32 // BITS
+    IN_PLACE: tl.constexpr = (23 - BITS) // BITS + 1
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    n_mask, m_mask = offs_n < N, offs_m < M
+    x_rows = x_ptr + offs_m * stride_xm  # [BLOCK_M]
+    g_begin, g_end = split_k_tiles(K // GROUP, tl.program_id(1), SPLIT_K)
+    zero_term = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # Σ_g z s Σx per row and channel
+    for i in tl.static_range(GPS):
+        g = g_begin + i
+        rows_live = m_mask & (offs_m * 0 + g < g_end)  # [BLOCK_M]: a split may own fewer than GPS groups
+        channels_live = n_mask & (offs_n * 0 + g < g_end)
+        x_offs = g * GROUP + tl.arange(0, GROUP)
+        x_group = tl.load(x_rows[:, None] + x_offs[None, :], mask=rows_live[:, None], other=0.0)  # [BLOCK_M, g]
+        scale = tl.load(s_ptr + g * stride_sk + offs_n, mask=channels_live, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + g * stride_sk + offs_n, mask=channels_live, other=0).to(tl.float32)
+        else:
+            zero = float(1 << (BITS - 1))
+        zero_term += tl.sum(x_group.to(tl.float32), axis=1)[:, None] * (zero * scale)[None, :]
+    w_row = w_ptr + offs_n[None, :]  # [1, BLOCK_N]
+    x_col = x_rows[:, None]  # [BLOCK_M, 1]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(g_begin, g_end):
+        scale = tl.load(s_ptr + g * stride_sk + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r in tl.static_range(GROUP // FIELDS):
+            row = g * (GROUP // FIELDS) + r
+            # [1, BLOCK_N] and [BLOCK_M, 1] tiles, not vectors: they take the layout of dot (whose
+            # threads hold 16-byte runs of channels) with no conversion through shared memory
+            words = tl.load(w_row + row * stride_wk, mask=n_mask[None, :], other=0, eviction_policy="evict_first")
+            words = words.to(tl.uint32, bitcast=True)
+            high = words >> 12
+            for f in tl.static_range(IN_PLACE):
+                w = (words & (((1 << BITS) - 1) << (BITS * f))).to(tl.float32, bitcast=True)
+                x = _scale_x(tl.load(x_col + row * FIELDS + f, mask=m_mask[:, None], other=0.0), BITS * f)
+                dot = tl.fma(w, x, dot)
+            for f in tl.static_range(IN_PLACE, FIELDS):
+                w = (high & (((1 << BITS) - 1) << (BITS * f - 12))).to(tl.float32, bitcast=True)
+                x = _scale_x(tl.load(x_col + row * FIELDS + f, mask=m_mask[:, None], other=0.0), BITS * f - 12)
+                dot = tl.fma(w, x, dot)
+        acc = tl.fma(dot, scale[None, :], acc)
+    total = acc * (2.0**64) - zero_term
+    offs = offs_m[:, None] * N + offs_n[None, :]  # into the [M, N] workspace
+    mask = m_mask[:, None] & n_mask[None, :]
+    y, last = last_split_total(total, offs, mask, partial_ptr, arrived_ptr, pid_n, SPLIT_K)
+    if last:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -240,6 +317,26 @@ def _gemv(x2, words, scales, zeros, bits, group_size, bias, config):
     return out
 
 
+def _small_m_gemv(x2, words, scales, zeros, bits, group_size, bias, config):
+    m, k = x2.shape
+    n = words.shape[1]
+    meta = {**SMALL_M_GEMV_CONFIG, **(config or {})}
+    groups = k // group_size
+    split = meta.pop("SPLIT_K", None) or gemv_split(groups, group_size, meta.pop("K_PER_SPLIT", GEMV_K_PER_SPLIT))
+    row_blocks = triton.cdiv(n, meta["BLOCK_N"])
+    partial, arrived = gemv_workspace(x2.device, m * n, row_blocks)
+    out = x2.new_empty((m, n))
+    any_ptr = scales
+    _small_m_gemv_kernel[(row_blocks, split)](
+        x2, words, scales, any_ptr if zeros is None else zeros, any_ptr if bias is None else bias, out,
+        partial, arrived, m, n, k, x2.stride(0), words.stride(0), scales.stride(0), out.stride(0),
+        BITS=bits, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, GROUP=group_size,
+        BLOCK_M=triton.next_power_of_2(m), SPLIT_K=split, GPS=triton.next_power_of_2(triton.cdiv(groups, split)),
+        **meta,
+    )  # fmt: skip
+    return out
+
+
 def _gemm(x2, words, scales, zeros, bits, group_size, bias, config):
     m, k = x2.shape
     n = words.shape[1]
@@ -273,8 +370,10 @@ def kmajor_linear_triton(
     """x [..., K] float -> [..., N] in x's dtype; `bits`-bit weights as in ops/kmajor.py.
 
     `config` (BLOCK_* sizes, SPLIT_K, num_warps, num_stages) replaces the default tile of the
-    path M selects (M == 1: GEMV; M >= 256 without config: dequantize + cuBLAS; else the tl.dot
-    GEMM); tests and sweeps use it.
+    path M selects (M == 1: GEMV; 1 < M <= SMALL_M_GEMV_MAX_M without config: the small-M GEMV;
+    M >= 256 without config: dequantize + cuBLAS; else the tl.dot GEMM); with a config, 1 < M
+    takes the small-M GEMV only if it sets SMALL_M_GEMV (and K_PER_SPLIT, BLOCK_N). Tests and
+    sweeps use it.
     """
     *lead, k = x.shape
     n = words.shape[1]
@@ -282,8 +381,12 @@ def kmajor_linear_triton(
     m = x2.shape[0]
     if m == 0:
         return x.new_empty((*lead, n))
+    config = None if config is None else dict(config)
+    small_m_gemv = m <= SMALL_M_GEMV_MAX_M if config is None else config.pop("SMALL_M_GEMV", False)
     if m == 1:
         out = _gemv(x2, words, scales, zeros, bits, group_size, bias, config)
+    elif small_m_gemv:
+        out = _small_m_gemv(x2, words, scales, zeros, bits, group_size, bias, config)
     elif m >= DEQUANTIZE_MIN_M and config is None:
         w_t = dequantize_kmajor_triton(words, scales, zeros, bits, group_size, x.dtype)  # [K, N]
         out = torch.addmm(bias, x2, w_t) if bias is not None else x2 @ w_t

@@ -50,6 +50,28 @@ def test_gemv_matches_reference(bits, dtype, n, k, group, symmetric, bias, confi
     assert relative_error(out, expected) < BOUND[dtype]
 
 
+SMALL_M = {"SMALL_M_GEMV": True, "BLOCK_N": 32, "num_warps": 1}
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "m, n, k, group, symmetric, bias, config",
+    [
+        (2, 80, 256, 64, False, True, None),  # the default for 1 < M <= 4: one masked block of 256 channels
+        (3, 48, 384, 32, True, False, {**SMALL_M, "SPLIT_K": 5}),  # rows padded to 4; uneven splits
+        (4, 40, 448, 64, False, True, None),  # 7 groups: 4 + 3
+        (4, 24, 256, 128, False, False, {**SMALL_M, "K_PER_SPLIT": 512}),  # one split of 2 groups
+        (2, 32, 256, 128, False, True, {**SMALL_M, "SPLIT_K": 4}),  # 2 groups over 4 splits: 2 empty
+    ],
+)
+def test_small_m_gemv_matches_reference(bits, dtype, m, n, k, group, symmetric, bias, config):
+    x, (words, scales, zeros, group), b, expected = _case(bits, m, n, k, group, symmetric, dtype, bias)
+    out = kmajor_linear_triton(x, words, scales, zeros, bits, group, b, config=config)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert relative_error(out, expected) < BOUND[dtype]
+
+
 def test_gemv_split_leaves_about_256_k_per_split():
     assert gemv_split(32, 128) == 16  # INT4 gate/up 14336×4096: 2 groups a split
     assert gemv_split(112, 128) == 56  # down 4096×14336: 2 groups a split, no empty split
@@ -126,7 +148,15 @@ def ptx_for_sm90() -> dict[str, str]:
             kernels._gemv_kernel, {**gemv, "BITS": bits, "BLOCK_K": kernels.GEMV_WORD_ROWS[bits] * 32 // bits}, 1, 1
         )
         for bits in (4, 2)
-    } | {"small_m": compile_ptx(kernels._gemm_kernel, {**gemm, "BITS": 4, "BLOCK_K": 128}, 4, 4)}
+    } | {
+        "small_m": compile_ptx(kernels._gemm_kernel, {**gemm, "BITS": 4, "BLOCK_K": 128}, 4, 4),
+        "small_m_gemv": compile_ptx(
+            kernels._small_m_gemv_kernel,
+            {**common, "BITS": 4, "BLOCK_M": 4, "BLOCK_N": 128, "SPLIT_K": 16, "GPS": 2},
+            1,
+            1,
+        ),
+    }
 
 
 def test_sm90_code_has_the_intended_instructions():
@@ -144,11 +174,14 @@ def test_sm90_code_has_the_intended_instructions():
         # One FFMA per weight: 128 k a group × 4 channels a thread, over the 2 threads sharing a
         # channel (INT4: 1 word row of 8 k each per K tile; INT2: 2 word rows of 16 k each).
         assert gemv.count("fma.rn.f32") >= 128 * 4 // 2, bits
+    # The small-M GEMV keeps its [1, N] weight and [M, 1] x tiles in the accumulator's layout:
+    # no conversion through shared memory in the loop.
+    assert "st.shared" not in ptx["small_m_gemv"] and ".ftz" not in ptx["small_m_gemv"]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [4, 2])
-@pytest.mark.parametrize("m", [1, 5, 16, 256])
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 16, 256])
 @pytest.mark.parametrize("n, k", [(4096, 4096), (14336, 4096), (4096, 14336), (1000, 1024)])
 def test_bf16_on_gpu_matches_reference(bits, m, n, k):
     x, weight, bias, expected = _case(bits, m, n, k, 128 if bits == 4 else 64, False, torch.bfloat16, True, "cuda")
