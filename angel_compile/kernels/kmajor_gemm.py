@@ -80,9 +80,32 @@ def _scale_x(raw, SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _scaled_x(x_ptr, offs, SHIFT: tl.constexpr):
-    """x[offs] as fp32 times 2^(85 − SHIFT)."""
-    return _scale_x(tl.load(x_ptr + offs), SHIFT)
+def _word_dot(dot, words, x_ptrs, x_mask, BITS: tl.constexpr):
+    """dot + Σ_f (field f of `words` as the subnormal q · 2^(p − 149)) · (x[f] · 2^(85 − p)).
+
+    words uint32 [R, BLOCK_N] (or [1, BLOCK_N]); x_ptrs [R, 1] (or [BLOCK_M, 1]) point at the x of
+    each word's field 0, x_mask masks them (None: all valid). Fields below bit 23 are masked in
+    place, the others from words >> 12 (bits 20..31 moved to 8..19).
+    """
+    FIELDS: tl.constexpr = 32 // BITS
+    IN_PLACE: tl.constexpr = (23 - BITS) // BITS + 1
+    for f in tl.static_range(IN_PLACE):
+        dot = _field_dot(dot, words, BITS * f, x_ptrs + f, x_mask, BITS)
+    high = words >> 12
+    for f in tl.static_range(IN_PLACE, FIELDS):
+        dot = _field_dot(dot, high, BITS * f - 12, x_ptrs + f, x_mask, BITS)
+    return dot
+
+
+@triton.jit
+def _field_dot(dot, src, P: tl.constexpr, x_ptrs, x_mask, BITS: tl.constexpr):
+    """dot + (the field at bit P of src, as q · 2^(P − 149)) · (x · 2^(85 − P))."""
+    w = (src & (((1 << BITS) - 1) << P)).to(tl.float32, bitcast=True)
+    if x_mask is None:
+        raw = tl.load(x_ptrs)
+    else:
+        raw = tl.load(x_ptrs, mask=x_mask, other=0.0)
+    return tl.fma(w, _scale_x(raw, P), dot)  # explicit: FP fusion may be off by default
 
 
 @triton.jit
@@ -94,7 +117,6 @@ def _gemv_kernel(
     STAGES: tl.constexpr,
 ):  # fmt: skip
     FIELDS: tl.constexpr = 32 // BITS  # k per word
-    IN_PLACE: tl.constexpr = (23 - BITS) // BITS + 1  # fields below bit 23, masked in place
     ROWS: tl.constexpr = BLOCK_K // FIELDS  # word rows per K tile
     TILES: tl.constexpr = GROUP // BLOCK_K  # K tiles per group
     pid_n = tl.program_id(0)
@@ -123,16 +145,8 @@ def _gemv_kernel(
         for t in tl.static_range(TILES):
             row0 = g * (GROUP // FIELDS) + t * ROWS
             words = tl.load(w_ptrs + row0 * stride_wk, mask=n_mask[None, :], other=0, eviction_policy="evict_first")
-            words = words.to(tl.uint32, bitcast=True)
-            high = words >> 12  # fields at bits 20..31 moved to 8..19
-            for f in tl.static_range(IN_PLACE):
-                w = (words & (((1 << BITS) - 1) << (BITS * f))).to(tl.float32, bitcast=True)  # q · 2^(BITS f − 149)
-                x = _scaled_x(x_ptr, (row0 + offs_r) * FIELDS + f, BITS * f)  # [ROWS]
-                dot = tl.fma(w, x[:, None], dot)  # explicit: FP fusion may be off by default
-            for f in tl.static_range(IN_PLACE, FIELDS):
-                w = (high & (((1 << BITS) - 1) << (BITS * f - 12))).to(tl.float32, bitcast=True)
-                x = _scaled_x(x_ptr, (row0 + offs_r) * FIELDS + f, BITS * f - 12)
-                dot = tl.fma(w, x[:, None], dot)
+            x_ptrs = x_ptr + ((row0 + offs_r) * FIELDS)[:, None]  # [ROWS, 1]
+            dot = _word_dot(dot, words.to(tl.uint32, bitcast=True), x_ptrs, None, BITS)
         acc = tl.fma(dot, scale[None, :], acc)
     total = tl.sum(acc, axis=0) * (2.0**64) - zero_term  # [BLOCK_N]
     finish_gemv(total, offs_n, n_mask, partial_ptr, arrived_ptr, pid_n, bias_ptr, out_ptr, HAS_BIAS, SPLIT_K)
@@ -148,7 +162,6 @@ def _small_m_gemv_kernel(
     # One word row a step: field f's weights [BLOCK_N] are decoded once (one AND) and used by the
     # BLOCK_M rows of x (one FFMA each); x of a step is the same in every lane.
     FIELDS: tl.constexpr = 32 // BITS
-    IN_PLACE: tl.constexpr = (23 - BITS) // BITS + 1
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -179,16 +192,7 @@ def _small_m_gemv_kernel(
             # [1, BLOCK_N] and [BLOCK_M, 1] tiles, not vectors: they take the layout of dot (whose
             # threads hold 16-byte runs of channels) with no conversion through shared memory
             words = tl.load(w_row + row * stride_wk, mask=n_mask[None, :], other=0, eviction_policy="evict_first")
-            words = words.to(tl.uint32, bitcast=True)
-            high = words >> 12
-            for f in tl.static_range(IN_PLACE):
-                w = (words & (((1 << BITS) - 1) << (BITS * f))).to(tl.float32, bitcast=True)
-                x = _scale_x(tl.load(x_col + row * FIELDS + f, mask=m_mask[:, None], other=0.0), BITS * f)
-                dot = tl.fma(w, x, dot)
-            for f in tl.static_range(IN_PLACE, FIELDS):
-                w = (high & (((1 << BITS) - 1) << (BITS * f - 12))).to(tl.float32, bitcast=True)
-                x = _scale_x(tl.load(x_col + row * FIELDS + f, mask=m_mask[:, None], other=0.0), BITS * f - 12)
-                dot = tl.fma(w, x, dot)
+            dot = _word_dot(dot, words.to(tl.uint32, bitcast=True), x_col + row * FIELDS, m_mask[:, None], BITS)
         acc = tl.fma(dot, scale[None, :], acc)
     total = acc * (2.0**64) - zero_term
     offs = offs_m[:, None] * N + offs_n[None, :]  # into the [M, N] workspace
