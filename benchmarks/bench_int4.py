@@ -6,7 +6,7 @@ call rotates over > 200 MB of weight copies, so every weight byte comes from HBM
 weight would otherwise sit in the 50 MB L2). Correctness is checked first against the float64
 reference. GB/s counts the bytes each side must move (weight, scales, zeros, x, y) over its time.
 
-    python benchmarks/bench_int4.py [--quick] [--sweep] [--variants]
+    python benchmarks/bench_int4.py [--quick] [--sweep] [--variants] [--batches 1,2,4]
 
 --sweep first times GEMV (M = 1) and small-M (M = 16) tile variants and prints them.
 --variants times only M = 1: bf16, every byte-GEMV tile in GEMV_VARIANTS (`int4_gemm`) and every
@@ -35,7 +35,7 @@ from angel_compile.ops.kmajor import to_kmajor
 
 # (role, N, K): out × in features. The issue writes them as K×N: 4096×14336 and 14336×4096.
 SHAPES = [("gate/up", 14336, 4096), ("down", 4096, 14336)]
-BATCHES = [1, 16, 256, 4096]
+BATCHES = [1, 2, 4, 16, 256, 4096]  # 2 and 4: the K-major small-M GEMV
 GROUP = 128
 ROTATED_BYTES = 200e6  # > 4x the L2 of an H100 (50 MB) or H200 (60 MB)
 MAX_REL_ERROR = 1e-2  # bf16 output rounding is ~3e-3
@@ -70,16 +70,18 @@ SMALL_M_SWEEP = [
         (64, 128, 4, 3, 8),
     ]
 ]
-# M = 1 tiles of the K-major GEMV (kernels/kmajor_gemm.py) compared by --variants; without SPLIT_K
-# the launcher's `gemv_split` (about two groups a split). The first is the default.
+# M = 1 tiles of the K-major GEMV (kernels/kmajor_gemm.py) compared by --variants: (BLOCK_N,
+# BLOCK_K, warps, k per split). The first is the default; the second was the default until
+# 2026-11-25 (two word rows of 64 channels, two groups a split).
 KMAJOR_VARIANTS = [
-    {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": 1, **({"SPLIT_K": sk} if sk else {})}
-    for bn, bk, w, sk in [
-        (64, 16, 1, None),
-        (64, 32, 1, None),
-        (128, 16, 1, None),
-        (64, 16, 1, 32),
-        (64, 16, 2, None),
+    {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": 1, "K_PER_SPLIT": kps}
+    for bn, bk, w, kps in [
+        (128, 8, 1, 128),
+        (64, 16, 1, 256),
+        (128, 16, 1, 128),
+        (128, 8, 1, 256),
+        (256, 8, 1, 128),
+        (256, 8, 2, 128),
     ]
 ]
 # M >= 64: the autotuned tl.dot kernel vs dequantize + cuBLAS
@@ -218,6 +220,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--sweep", action="store_true", help="time tile variants first")
     parser.add_argument("--variants", action="store_true", help="only M = 1: bf16 vs every GEMV kernel variant")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated M values")
     args = parser.parse_args()
     rep = 50 if args.quick else 300
     print(
@@ -236,7 +239,7 @@ def main() -> None:
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         quantized = [quantize_int4_rtn(w, GROUP) for w in weights]
         kmajor = [to_kmajor(q.packed, q.scales, q.zeros, 4) for q in quantized]
-        for m in BATCHES:
+        for m in (int(b) for b in args.batches.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             errors = {}
             for q, (words, scales, zeros) in zip(quantized[:2], kmajor, strict=False):

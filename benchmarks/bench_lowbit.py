@@ -43,13 +43,14 @@ INT2_GROUP, TERNARY_GROUP = 64, 128
 ROTATED_BYTES = 200e6  # > 4x the L2 of an H100 (50 MB) or H200 (60 MB)
 MAX_REL_ERROR = 1e-2  # bf16 output rounding
 VARIANTS_REP = 30  # ms per CUDA-graph measurement in --variants: the whole table in < 3 minutes
-# K-major INT2 GEMV tiles (kernels/kmajor_gemm.py); {} is the default (4 word rows = 64 k per tile).
+# K-major INT2 GEMV tiles (kernels/kmajor_gemm.py); {} is the default (256 channels, one word row
+# = 16 k per tile, 64 k a split); "n64_k64_s256" was the default until 2026-11-25.
 INT2_KMAJOR_VARIANTS = {
     "default": {},
+    "n64_k64_s256": {"BLOCK_N": 64, "BLOCK_K": 64, "K_PER_SPLIT": 256},
+    "n128_s128": {"BLOCK_N": 128, "K_PER_SPLIT": 128},
+    "s128": {"K_PER_SPLIT": 128},
     "k32": {"BLOCK_K": 32},
-    "n128": {"BLOCK_N": 128},
-    "n128_k32": {"BLOCK_N": 128, "BLOCK_K": 32},
-    "split8": {"SPLIT_K": 8},
 }
 # K-major ternary GEMV tiles (kernels/ternary_kmajor.py); {} is the default.
 TERNARY_KMAJOR_VARIANTS = {

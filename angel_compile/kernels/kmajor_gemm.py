@@ -17,8 +17,8 @@ accumulation, any M and N (masked edges), K % g == 0. BITS (4 or 2) is a constex
   loop: Σ_k (q_k − z) s x_k = s Σ_k q_k x_k − z s Σ_k x_k, and the last term, summed over the
   split's groups from a [GPS, g] tile of x, is loaded before the loop so that its latency hides
   behind the word loads. SPLIT_K splits the groups over programs: the H100 runs this kernel
-  latency-bound, so the launch makes many short one-warp programs of about GEMV_K_PER_SPLIT k
-  each (`gemv_split`); the split that finishes a channel block last adds the bias and writes y
+  latency-bound, so the launch makes many short one-warp programs of about K_PER_SPLIT k each
+  (`GEMV_CONFIG`, `gemv_split`); the split that finishes a channel block last adds the bias and writes y
   (`split_k.last_split_total`), one launch per call.
 - 1 < M <= SMALL_M_GEMV_MAX_M, `_small_m_gemv_kernel`: the GEMV's decoding, one word row a
   step, each weight decoded once (one AND) for all M rows (one FFMA a row), split K and the
@@ -50,18 +50,19 @@ from angel_compile.kernels.split_k import (
 )
 from angel_compile.kernels.tiling import grouped_tile, rows_and_contiguous
 
-# M == 1: one-warp programs of 64 channels, GEMV_WORD_ROWS[BITS] word rows per K tile (BLOCK_K =
-# rows · F), ~256 k per split: the best of tile × split sweeps on an H100 with HBM-resident
-# weights (benchmarks/RESULTS.md, K-major GEMV). The kernel is latency-bound there; many short
-# programs hide the loads.
-GEMV_CONFIG = {"BLOCK_N": 64, "num_warps": 1, "num_stages": 1}
-GEMV_WORD_ROWS = {4: 2, 2: 4}  # BLOCK_K = 16 (INT4), 64 (INT2) unless a config sets BLOCK_K
-GEMV_K_PER_SPLIT = 256
+# M == 1, per BITS: one-warp programs of BLOCK_N channels, one word row per K tile (BLOCK_K = F),
+# about K_PER_SPLIT k (one group at g = 128 / 64) per split: the best of tile × split sweeps on an
+# H100 with HBM-resident weights (benchmarks/RESULTS.md, K-major GEMV). The kernel is latency-bound
+# there; many short programs hide the loads.
+GEMV_CONFIG = {
+    4: {"BLOCK_N": 128, "BLOCK_K": 8, "K_PER_SPLIT": 128, "num_warps": 1, "num_stages": 1},
+    2: {"BLOCK_N": 256, "BLOCK_K": 16, "K_PER_SPLIT": 64, "num_warps": 1, "num_stages": 1},
+}
 # 1 < M <= SMALL_M_GEMV_MAX_M: the GEMV's decoding shared by the rows (`_small_m_gemv_kernel`),
 # one-warp programs of 256 channels, ~256 k a split: the best of an H100 sweep on the INT4 gate/up
 # shape at M = 2..4 (benchmarks/RESULTS.md); at M = 8 the tl.dot GEMM is faster.
 SMALL_M_GEMV_MAX_M = 4
-SMALL_M_GEMV_CONFIG = {"BLOCK_N": 256, "num_warps": 1, "num_stages": 1}
+SMALL_M_GEMV_CONFIG = {"BLOCK_N": 256, "K_PER_SPLIT": 256, "num_warps": 1, "num_stages": 1}
 # otherwise M <= 16: one 16-row tile; SPLIT_K is chosen per shape by `split_k_for`.
 SMALL_M_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
 # 16 < M < 256
@@ -292,7 +293,7 @@ def dequantize_kmajor_triton(
     return out
 
 
-def gemv_split(groups: int, group_size: int, k_per_split: int = GEMV_K_PER_SPLIT) -> int:
+def gemv_split(groups: int, group_size: int, k_per_split: int) -> int:
     """Splits of the K groups: max(1, k_per_split / g) groups each, the last split possibly fewer.
 
     Not rounded up to a power of two: empty splits would still run the epilogue (for K = 14,336
@@ -303,10 +304,11 @@ def gemv_split(groups: int, group_size: int, k_per_split: int = GEMV_K_PER_SPLIT
 
 def _gemv(x2, words, scales, zeros, bits, group_size, bias, config):
     n, k = words.shape[1], x2.shape[1]
-    meta = {**GEMV_CONFIG, "BLOCK_K": GEMV_WORD_ROWS[bits] * (32 // bits), **(config or {})}
+    meta = {**GEMV_CONFIG[bits], **(config or {})}
     meta["BLOCK_K"] = min(meta["BLOCK_K"], group_size)
     groups = k // group_size
-    split = meta.pop("SPLIT_K", None) or gemv_split(groups, group_size)
+    k_per_split = meta.pop("K_PER_SPLIT")
+    split = meta.pop("SPLIT_K", None) or gemv_split(groups, group_size, k_per_split)
     stages = meta.pop("num_stages")
     row_blocks = triton.cdiv(n, meta["BLOCK_N"])
     partial, arrived = gemv_workspace(x2.device, n, row_blocks)
@@ -326,7 +328,8 @@ def _small_m_gemv(x2, words, scales, zeros, bits, group_size, bias, config):
     n = words.shape[1]
     meta = {**SMALL_M_GEMV_CONFIG, **(config or {})}
     groups = k // group_size
-    split = meta.pop("SPLIT_K", None) or gemv_split(groups, group_size, meta.pop("K_PER_SPLIT", GEMV_K_PER_SPLIT))
+    k_per_split = meta.pop("K_PER_SPLIT")
+    split = meta.pop("SPLIT_K", None) or gemv_split(groups, group_size, k_per_split)
     row_blocks = triton.cdiv(n, meta["BLOCK_N"])
     partial, arrived = gemv_workspace(x2.device, m * n, row_blocks)
     out = x2.new_empty((m, n))

@@ -35,8 +35,8 @@ def _case(bits, m, n, k, group, symmetric, dtype, bias, device="cpu"):
 @pytest.mark.parametrize(
     "n, k, group, symmetric, bias, config",
     [
-        (80, 256, 64, False, True, None),  # default tile: 2 channel blocks, the last one masked
-        (24, 448, 64, False, True, None),  # default split of 7 groups: 4 + 3
+        (300, 256, 64, False, True, None),  # default tile: 3 (INT4) or 2 (INT2) channel blocks, the last masked
+        (24, 448, 64, False, True, None),  # default split of 7 groups: 2 + 2 + 2 + 1 (INT4) or 7 × 1 (INT2)
         (48, 384, 32, True, False, {"SPLIT_K": 5}),  # 12 groups over 5 splits: uneven, GPS = 4
         (40, 256, 128, False, True, {"BLOCK_N": 16, "BLOCK_K": 128}),  # one K tile per group
         (32, 128, 16, False, False, {"SPLIT_K": 8}),  # group 16: one or two word rows per K tile
@@ -72,12 +72,12 @@ def test_small_m_gemv_matches_reference(bits, dtype, m, n, k, group, symmetric, 
     assert relative_error(out, expected) < BOUND[dtype]
 
 
-def test_gemv_split_leaves_about_256_k_per_split():
-    assert gemv_split(32, 128) == 16  # INT4 gate/up 14336×4096: 2 groups a split
-    assert gemv_split(112, 128) == 56  # down 4096×14336: 2 groups a split, no empty split
-    assert gemv_split(64, 64) == 16  # INT2 group 64, K = 4096: 4 groups a split
-    assert gemv_split(7, 64) == 2  # 4 groups, then the 3 left
-    assert gemv_split(3, 512) == 3 and gemv_split(1, 128) == 1  # at least one group a split
+def test_gemv_split_leaves_about_k_per_split():
+    assert gemv_split(32, 128, 128) == 32  # INT4 gate/up 14336×4096: one group a split
+    assert gemv_split(112, 128, 256) == 56  # down 4096×14336 at 256 k: 2 groups a split, no empty split
+    assert gemv_split(64, 64, 256) == 16  # group 64, K = 4096: 4 groups a split
+    assert gemv_split(7, 64, 256) == 2  # 4 groups, then the 3 left
+    assert gemv_split(3, 512, 128) == 3 and gemv_split(1, 128, 128) == 1  # at least one group a split
 
 
 def test_gemv_workspace_is_left_clean_between_calls():
@@ -130,6 +130,10 @@ def test_dequantize_kernel_writes_the_transposed_weight(bits, symmetric):
     assert torch.equal(out, dequantize_kmajor(words, scales, zeros, bits, group).T)
 
 
+def _tile(config: dict) -> dict:
+    return {key: config[key] for key in ("BLOCK_N", "BLOCK_K")}
+
+
 def ptx_for_sm90() -> dict[str, str]:
     """PTX of the bf16 GEMV (default tile, split K) and small-M GEMM for an H100 (no interpreter)."""
     types = dict(
@@ -141,11 +145,11 @@ def ptx_for_sm90() -> dict[str, str]:
         return compile_sm90_ptx(fn, types, constexprs, num_warps, num_stages)
 
     common = {"HAS_ZEROS": True, "HAS_BIAS": True, "GROUP": 128}
-    gemv = {**common, "BLOCK_N": kernels.GEMV_CONFIG["BLOCK_N"], "SPLIT_K": 16, "GPS": 2, "STAGES": 1}
+    gemv = {**common, "SPLIT_K": 32, "GPS": 1, "STAGES": 1}
     gemm = {**common, "DOT_PRECISION": "tf32", "GROUP_M": 8, "SPLIT_K": 1, "BLOCK_M": 16, "BLOCK_N": 64}
     return {
         f"gemv{bits}": compile_ptx(
-            kernels._gemv_kernel, {**gemv, "BITS": bits, "BLOCK_K": kernels.GEMV_WORD_ROWS[bits] * 32 // bits}, 1, 1
+            kernels._gemv_kernel, {**gemv, **_tile(kernels.GEMV_CONFIG[bits]), "BITS": bits}, 1, 1
         )
         for bits in (4, 2)
     } | {
@@ -165,15 +169,16 @@ def test_sm90_code_has_the_intended_instructions():
     for bits in (4, 2):
         gemv = ptx[f"gemv{bits}"]
         # Subnormal decoding needs FFMA without flush-to-zero. In the loop a bf16 x is scaled by
-        # an integer multiply-add on its bits, never converted by cvt (the 16 cvts left are the
-        # epilogue's Σx tile). No tile goes through shared memory; words load 16 bytes at a time.
+        # an integer multiply-add on its bits, never converted by cvt: the cvts left are a thread's
+        # share of the Σx tile (128 k) and of the bf16 scales (twice) and bias (BLOCK_N channels).
+        # No tile goes through shared memory; words load 16 bytes at a time.
+        channels = kernels.GEMV_CONFIG[bits]["BLOCK_N"] // 32
         assert ".ftz" not in gemv, bits
-        assert gemv.count("cvt.f32.bf16") <= 16, bits
+        assert gemv.count("cvt.f32.bf16") <= 128 // 32 + 3 * channels, bits
         assert "ld.shared" not in gemv and "st.shared" not in gemv, bits
         assert "evict_first.L2::cache_hint.v4.b32" in gemv, bits
-        # One FFMA per weight: 128 k a group × 4 channels a thread, over the 2 threads sharing a
-        # channel (INT4: 1 word row of 8 k each per K tile; INT2: 2 word rows of 16 k each).
-        assert gemv.count("fma.rn.f32") >= 128 * 4 // 2, bits
+        # One FFMA per weight: the group's 128 k × BLOCK_N channels over the warp's 32 threads.
+        assert gemv.count("fma.rn.f32") >= 128 * channels, bits
     # The small-M GEMV keeps its [1, N] weight and [M, 1] x tiles in the accumulator's layout:
     # no conversion through shared memory in the loop.
     assert "st.shared" not in ptx["small_m_gemv"] and ".ftz" not in ptx["small_m_gemv"]
