@@ -2,9 +2,10 @@
 
 Two kernels, shared by both ops:
 - `_quantize_rows_kernel`: x [M, K] float -> codes [M, K] (float8e4nv or int8) and scales
-  [M] fp32, one program per row, fused: the row's max |x| (first pass over K), its scale
-  max / QMAX, then x / scale clamped to ±QMAX and cast (second pass; the row is in L2).
-  With a static per-tensor scale (fp8-static) the first pass is skipped. An optional
+  [M] fp32, one program per row, fused: the row's max |x|, its scale max / QMAX, then x / scale
+  clamped to ±QMAX and cast. A row of K <= ROW_IN_REGISTERS_MAX_K is loaded once and kept in
+  registers; a longer one is read twice (max, then codes; the second read mostly from L2).
+  With a static per-tensor scale (fp8-static) the max is skipped. An optional
   per-channel multiplier [K] (SmoothQuant's 1/s where no norm could absorb it) scales x as
   it is loaded, in both passes, instead of a separate elementwise kernel.
 - `_scaled_gemm_kernel`: out [M, N] = (A [M, K] @ B [N, K]ᵀ) · a_scale[m] · b_scale[n] + bias[n],
@@ -50,6 +51,36 @@ GEMM_CONFIGS = _configs(
     ]
 )
 QUANTIZE_BLOCK_K = 1024
+ROW_IN_REGISTERS_MAX_K = 16384  # 32 fp32 values a thread at 16 warps
+
+
+@triton.jit
+def _load_row_tile(x_row, multiplier_ptr, k0, offs, K, HAS_MULTIPLIER: tl.constexpr):
+    """x[k0 + offs] as fp32, times the per-channel multiplier if there is one; 0 past K."""
+    mask = k0 + offs < K
+    x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_MULTIPLIER:
+        x *= tl.load(multiplier_ptr + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store_codes(q_row, x, scale, k0, offs, K, QMAX: tl.constexpr, TO_INT: tl.constexpr):
+    v = tl.clamp(x / scale, -QMAX, QMAX)  # division, as the reference: same codes at ties
+    if TO_INT:
+        # 1.5·2^23 + v rounds v to an integer, half to even, for |v| < 2^22.
+        v = (v + 12582912.0) - 12582912.0
+    tl.store(q_row + k0 + offs, v.to(q_row.dtype.element_ty), mask=k0 + offs < K)
+
+
+@triton.jit
+def _row_scale(amax, scale_ptr, row, QMAX: tl.constexpr):
+    """max |x| / QMAX of the row from per-lane maxima, stored; an all-zero row gets 1 (any
+    positive scale gives zero codes)."""
+    row_max = tl.max(amax, axis=0)
+    scale = tl.where(row_max > 0, row_max / QMAX, 1.0)
+    tl.store(scale_ptr + row, scale)
+    return scale
 
 
 @triton.jit
@@ -57,35 +88,31 @@ def _quantize_rows_kernel(
     x_ptr, q_ptr, scale_ptr, static_scale_ptr, multiplier_ptr,
     K, stride_xm, stride_qm,
     QMAX: tl.constexpr, TO_INT: tl.constexpr, STATIC: tl.constexpr, HAS_MULTIPLIER: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     q_row = q_ptr + row * stride_qm
     offs = tl.arange(0, BLOCK_K)
-    if STATIC:
-        scale = tl.load(static_scale_ptr)
+    if ONE_TILE:
+        # The whole row in registers: x is read from memory once.
+        x = _load_row_tile(x_row, multiplier_ptr, 0, offs, K, HAS_MULTIPLIER)
+        if STATIC:
+            scale = tl.load(static_scale_ptr)
+        else:
+            scale = _row_scale(tl.abs(x), scale_ptr, row, QMAX)
+        _store_codes(q_row, x, scale, 0, offs, K, QMAX, TO_INT)
     else:
-        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-            if HAS_MULTIPLIER:
-                x *= tl.load(multiplier_ptr + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
-        row_max = tl.max(amax, axis=0)
-        # An all-zero row: any positive scale gives zero codes.
-        scale = tl.where(row_max > 0, row_max / QMAX, 1.0)
-        tl.store(scale_ptr + row, scale)
-    for k0 in range(0, K, BLOCK_K):
-        mask = k0 + offs < K
-        x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_MULTIPLIER:
-            x *= tl.load(multiplier_ptr + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.clamp(x / scale, -QMAX, QMAX)  # division, as the reference: same codes at ties
-        if TO_INT:
-            # 1.5·2^23 + v rounds v to an integer, half to even, for |v| < 2^22.
-            v = (v + 12582912.0) - 12582912.0
-        tl.store(q_row + k0 + offs, v.to(q_ptr.dtype.element_ty), mask=mask)
+        if STATIC:
+            scale = tl.load(static_scale_ptr)
+        else:
+            amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                amax = tl.maximum(amax, tl.abs(_load_row_tile(x_row, multiplier_ptr, k0, offs, K, HAS_MULTIPLIER)))
+            scale = _row_scale(amax, scale_ptr, row, QMAX)
+        for k0 in range(0, K, BLOCK_K):  # the row is read again, mostly from L2
+            x = _load_row_tile(x_row, multiplier_ptr, k0, offs, K, HAS_MULTIPLIER)
+            _store_codes(q_row, x, scale, k0, offs, K, QMAX, TO_INT)
 
 
 @triton.jit
@@ -152,12 +179,15 @@ def quantize_rows_triton(
     q = torch.empty((m, k), dtype=dtype, device=x.device)
     static = static_scale is not None
     scale = static_scale.float().reshape(1) if static else torch.empty(m, dtype=torch.float32, device=x.device)
+    # Rows up to ROW_IN_REGISTERS_MAX_K are quantized from registers (one read of x); longer ones
+    # in two passes of QUANTIZE_BLOCK_K tiles.
+    block_k = triton.next_power_of_2(k) if k <= ROW_IN_REGISTERS_MAX_K else QUANTIZE_BLOCK_K
     if m:
         _quantize_rows_kernel[(m,)](
             x, q, scale, scale, scale if multiplier is None else multiplier.contiguous(), k, x.stride(0), q.stride(0),
             QMAX=INT8_MAX if dtype == torch.int8 else FP8_E4M3_MAX, TO_INT=dtype == torch.int8, STATIC=static,
             HAS_MULTIPLIER=multiplier is not None,
-            BLOCK_K=min(QUANTIZE_BLOCK_K, triton.next_power_of_2(k)), num_warps=4,
+            BLOCK_K=block_k, ONE_TILE=block_k >= k, num_warps=max(4, min(16, block_k // 1024)),
         )  # fmt: skip
     return q, scale
 

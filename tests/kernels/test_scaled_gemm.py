@@ -40,6 +40,23 @@ def test_int8_row_quantization_is_bit_exact():
     assert torch.equal(q, expected_q) and torch.equal(scale, expected_scale[:, 0])
 
 
+def test_long_rows_are_quantized_in_two_passes_bit_exactly():
+    # K above ROW_IN_REGISTERS_MAX_K: max over K tiles, then the codes tile by tile.
+    x = torch.randn(3, kernels.ROW_IN_REGISTERS_MAX_K + 100) * 5
+    x[1, -1] = 1000.0  # the row maximum in the last, partial tile
+    q, scale = quantize_rows_triton(x, torch.int8)
+    expected_q, expected_scale = quantize_int8_rows(x)
+    assert torch.equal(q, expected_q) and torch.equal(scale, expected_scale[:, 0])
+    # FP8: the scales. (Its codes are not compared here: the interpreter's FP8 cast rounds values
+    # just below a power of two down a binade, 31.8 -> 16; the GPU tests compare them.)
+    _, fscale = quantize_rows_triton(x, torch.float8_e4m3fn)
+    assert torch.equal(fscale, quantize_fp8_rows(x, None)[1][:, 0])
+    multiplier = torch.rand(x.shape[1]) + 0.5  # applied as x is loaded, in both passes
+    q, scale = quantize_rows_triton(x, torch.int8, multiplier=multiplier)
+    expected_q, expected_scale = quantize_int8_rows(x * multiplier)
+    assert torch.equal(q, expected_q) and torch.equal(scale, expected_scale[:, 0])
+
+
 def test_fp8_row_quantization_scales():
     x = torch.randn(9, 300)
     _, scale = quantize_rows_triton(x, torch.float8_e4m3fn)
@@ -126,7 +143,7 @@ def ptx_for_sm90() -> dict[str, str]:
 
     scales = dict(a_scale_ptr="*fp32", b_scale_ptr="*fp32", bias_ptr="*bf16", out_ptr="*bf16")
     gemm = {"HAS_BIAS": True, "EVEN_K": True, "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}
-    quantize = {"QMAX": 448.0, "TO_INT": False, "STATIC": False, "BLOCK_K": 1024}
+    quantize = {"QMAX": 448.0, "TO_INT": False, "STATIC": False, "BLOCK_K": 1024, "ONE_TILE": False}
     rows = dict(x_ptr="*bf16", q_ptr="*fp8e4nv", scale_ptr="*fp32", static_scale_ptr="*fp32")
     return {
         "fp8": compile_ptx(
@@ -141,7 +158,11 @@ def ptx_for_sm90() -> dict[str, str]:
         ),
         "quantize_fp8": compile_ptx(kernels._quantize_rows_kernel, rows, quantize, 4, 1),
         "quantize_int8": compile_ptx(
-            kernels._quantize_rows_kernel, {**rows, "q_ptr": "*i8"}, {**quantize, "QMAX": 127.0, "TO_INT": True}, 4, 1
+            kernels._quantize_rows_kernel,
+            {**rows, "q_ptr": "*i8"},
+            {**quantize, "QMAX": 127.0, "TO_INT": True, "BLOCK_K": 4096, "ONE_TILE": True},
+            4,
+            1,
         ),
     }
 
