@@ -50,8 +50,11 @@ GEMM_CONFIGS = _configs(
         (64, 64, 128, 4, 4),
     ]
 )
-QUANTIZE_BLOCK_K = 1024
-ROW_IN_REGISTERS_MAX_K = 16384  # 32 fp32 values a thread at 16 warps
+# Row quantization: rows up to ROW_IN_REGISTERS_MAX_K (32 fp32 values a thread at 16 warps) in one
+# tile, longer ones in QUANTIZE_BLOCK_K tiles by 16 warps: 2.2-2.8 TB/s on an H100, against
+# 1.7-1.9 TB/s for 1024-wide tiles by 4 warps read twice (benchmarks/RESULTS.md).
+QUANTIZE_BLOCK_K = 2048
+ROW_IN_REGISTERS_MAX_K = 16384
 
 
 @triton.jit
@@ -179,15 +182,14 @@ def quantize_rows_triton(
     q = torch.empty((m, k), dtype=dtype, device=x.device)
     static = static_scale is not None
     scale = static_scale.float().reshape(1) if static else torch.empty(m, dtype=torch.float32, device=x.device)
-    # Rows up to ROW_IN_REGISTERS_MAX_K are quantized from registers (one read of x); longer ones
-    # in two passes of QUANTIZE_BLOCK_K tiles.
-    block_k = triton.next_power_of_2(k) if k <= ROW_IN_REGISTERS_MAX_K else QUANTIZE_BLOCK_K
+    one_tile = k <= ROW_IN_REGISTERS_MAX_K  # quantized from registers: x is read once
+    block_k = triton.next_power_of_2(k) if one_tile else QUANTIZE_BLOCK_K
     if m:
         _quantize_rows_kernel[(m,)](
             x, q, scale, scale, scale if multiplier is None else multiplier.contiguous(), k, x.stride(0), q.stride(0),
             QMAX=INT8_MAX if dtype == torch.int8 else FP8_E4M3_MAX, TO_INT=dtype == torch.int8, STATIC=static,
             HAS_MULTIPLIER=multiplier is not None,
-            BLOCK_K=block_k, ONE_TILE=block_k >= k, num_warps=max(4, min(16, block_k // 1024)),
+            BLOCK_K=block_k, ONE_TILE=one_tile, num_warps=max(4, block_k // 1024) if one_tile else 16,
         )  # fmt: skip
     return q, scale
 
