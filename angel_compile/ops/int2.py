@@ -21,7 +21,9 @@ Rounding (per group of g weights along K):
                  choice: with `clip_search`, the range [lo, hi] is shrunk to α·[lo, hi] for α on
                  a grid in [0.5, 1] and each group keeps the α of the lowest squared error
                  (outliers are clipped to the end levels instead of stretching every step).
-    GPTQ         `quant/gptq.py` with bits = 2 (`quantize_int2_gptq`), given the layer's Hessian.
+    GPTQ         `quant/gptq.py` with bits = 2 (`quantize_int2_gptq`), given the layer's Hessian;
+                 with `clip_search` each group's range is chosen the same way, from the group's
+                 error-updated weights when GPTQ reaches it.
 
 Supported: K % g == 0 with g in 16..256 (`int2_supported`); the quantize pass leaves other layers
 in float with the reason. The plain-PyTorch reference below is the CPU implementation and the
@@ -34,7 +36,12 @@ from dataclasses import dataclass
 
 import torch
 
-from angel_compile.ops.int4 import check_groupwise_format, groupwise_params, int4_supported, quantize_to_codes
+from angel_compile.ops.int4 import (
+    check_groupwise_format,
+    clipped_groupwise_params,
+    int4_supported,
+    quantize_to_codes,
+)
 
 BITS = 2
 SYMMETRIC_ZERO = 2
@@ -86,13 +93,6 @@ def make_int2_weight(
     return Int2Weight(pack_int2(codes), scale.to(scale_dtype), zeros, group_size, tuple(codes.shape))
 
 
-def _group_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Squared RTN error per group [N, G] of w [N, K] with params [N, G]."""
-    groups = w.float().unflatten(-1, (-1, group_size))  # [N, G, g]
-    codes = quantize_to_codes(groups, scale[..., None], zero[..., None], BITS)
-    return ((codes - zero[..., None]) * scale[..., None] - groups).pow(2).sum(-1)
-
-
 def int2_rtn_params(
     w: torch.Tensor,
     group_size: int,
@@ -101,18 +101,8 @@ def int2_rtn_params(
     scale_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) float32 [N, K/g] for INT2 RTN of w [N, K]; with `clip_search`, the best α per group."""
-    best_scale, best_zero = groupwise_params(w, group_size, BITS, symmetric, scale_dtype)
-    if not clip_search:
-        return best_scale, best_zero
-    best_error = _group_error(w, best_scale, best_zero, group_size)
-    for alpha in CLIP_GRID[1:]:
-        scale, zero = groupwise_params(w * alpha, group_size, BITS, symmetric, scale_dtype)
-        error = _group_error(w, scale, zero, group_size)
-        better = error < best_error
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-        best_error = torch.where(better, error, best_error)
-    return best_scale, best_zero
+    alphas = CLIP_GRID if clip_search else CLIP_GRID[:1]
+    return clipped_groupwise_params(w, group_size, BITS, symmetric, scale_dtype, alphas)
 
 
 def quantize_int2_rtn(
@@ -139,12 +129,16 @@ def quantize_int2_gptq(
     damp: float = 0.01,
     act_order: bool = False,
     scale_dtype: torch.dtype | None = None,
+    clip_search: bool = True,
 ) -> Int2Weight:
-    """GPTQ INT2 of a float weight [N, K] with the layer's Hessian H = 2/n Σ x xᵀ [K, K]."""
+    """GPTQ INT2 of a float weight [N, K] with the layer's Hessian H = 2/n Σ x xᵀ [K, K]; with
+    `clip_search`, each group's range is searched over CLIP_GRID as for RTN (on the group's
+    error-updated weights)."""
     from angel_compile.quant.gptq import gptq_groupwise
 
+    alphas = CLIP_GRID if clip_search else CLIP_GRID[:1]
     codes, scale, zero = gptq_groupwise(
-        w, hessian, group_size, BITS, symmetric, damp, act_order, scale_dtype=scale_dtype
+        w, hessian, group_size, BITS, symmetric, damp, act_order, scale_dtype=scale_dtype, alphas=alphas
     )
     return make_int2_weight(codes, scale, None if symmetric else zero, group_size, scale_dtype or w.dtype)
 

@@ -125,6 +125,36 @@ def groupwise_params(
     return scale, zero
 
 
+def group_errors(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
+    """Squared RTN error per group [N, G] of w [N, K] with params [N, G]."""
+    groups = w.float().unflatten(-1, (-1, group_size))  # [N, G, g]
+    codes = quantize_to_codes(groups, scale[..., None], zero[..., None], bits)
+    return ((codes - zero[..., None]) * scale[..., None] - groups).pow(2).sum(-1)
+
+
+def clipped_groupwise_params(
+    w: torch.Tensor,
+    group_size: int,
+    bits: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype | None,
+    alphas: tuple[float, ...],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`groupwise_params` of the best shrunk range: for each α in `alphas`, the params of α·w, and
+    per group those of the lowest squared RTN error of w itself (outliers clipped to the end levels
+    instead of stretching every step). `alphas` starts with 1.0 (the plain min/max range)."""
+    best_scale, best_zero = groupwise_params(w * alphas[0], group_size, bits, symmetric, scale_dtype)
+    best_error = group_errors(w, best_scale, best_zero, group_size, bits)
+    for alpha in alphas[1:]:
+        scale, zero = groupwise_params(w * alpha, group_size, bits, symmetric, scale_dtype)
+        error = group_errors(w, scale, zero, group_size, bits)
+        better = error < best_error
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+        best_error = torch.where(better, error, best_error)
+    return best_scale, best_zero
+
+
 def quantize_to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int = 4) -> torch.Tensor:
     """q = clamp(round(w / scale) + zero, 0, maxq) elementwise (broadcasting), as float32."""
     return (torch.round(w.float() / scale) + zero).clamp(0, 2**bits - 1)

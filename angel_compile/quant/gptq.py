@@ -9,7 +9,10 @@ Columns are processed in blocks of `block_size`: inside a block the update is ap
 to the block, and to the columns after it once per block (one matmul, "lazy batch updates").
 
 Group scales and zero points (RTN rules of `ops/int4.py`) are computed when a group's first
-column is about to be quantized, from the group's current (error-updated) weights. With
+column is about to be quantized, from the group's current (error-updated) weights: the min/max
+range, or with several `alphas` the shrunk range α·[min, max] of the lowest squared RTN error of
+those weights (`clipped_groupwise_params`; the clipping search of GPTQ's reference `mse` option,
+which matters at 2 bits, where a min/max range wastes most of the four levels on outliers). With
 `act_order`, columns go in order of decreasing H_jj (most activated first), but groups stay the
 contiguous runs of `group_size` original columns that the format stores (no g_idx): a group's
 parameters are fixed when the first of its columns comes up in that order.
@@ -24,7 +27,7 @@ import torch
 
 from angel_compile.ops.int4 import (
     Int4Weight,
-    groupwise_params,
+    clipped_groupwise_params,
     int4_supported,
     make_int4_weight,
     quantize_to_codes,
@@ -54,8 +57,11 @@ def gptq_groupwise(
     act_order: bool = False,
     block_size: int = 128,
     scale_dtype: torch.dtype | None = None,
+    alphas: tuple[float, ...] = (1.0,),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ of a float weight [N, K] to `bits`-bit group-wise codes, with H [K, K] (fp32).
+
+    `alphas`: the range shrink factors searched for each group's params, 1.0 (min/max) first.
 
     Returns float32 (codes [N, K] in 0..2^bits − 1, scale [N, K/g] rounded to `scale_dtype`
     (default w's dtype), zero [N, K/g]): W ≈ (codes − zero) · scale per group.
@@ -100,7 +106,7 @@ def gptq_groupwise(
                 current = weight[:, cols].clone()
                 inside = (cols >= b0) & (cols < b1)
                 current[:, inside] = block[:, cols[inside] - b0]
-                s, z = groupwise_params(current.float(), group_size, bits, symmetric, scale_dtype)
+                s, z = clipped_groupwise_params(current.float(), group_size, bits, symmetric, scale_dtype, alphas)
                 scale[:, g], zero[:, g] = s[:, 0].double(), z[:, 0].double()
                 started[g] = True
             column = block[:, i]

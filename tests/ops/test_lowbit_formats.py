@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from angel_compile.ops.int2 import pack_int2, quantize_int2_rtn, unpack_int2
+from angel_compile.ops.int2 import pack_int2, quantize_int2_gptq, quantize_int2_rtn, unpack_int2
 from angel_compile.ops.ternary import (
     TERNARY_CODE_TABLE,
     TERNARY_CODE_TO_2BIT,
@@ -98,6 +98,19 @@ def test_plain_ternary_and_int2_clip_search():
     assert relative_error(q.dequantize(), w) < 0.6
     clipped, plain = quantize_int2_rtn(w, 64), quantize_int2_rtn(w, 64, clip_search=False)
     assert relative_error(clipped.dequantize(), w) < 0.9 * relative_error(plain.dequantize(), w)
+
+
+@pytest.mark.parametrize("clip_search", [True, False])
+def test_int2_gptq_with_a_diagonal_hessian_is_rtn_with_the_same_range_search(clip_search):
+    # A diagonal H gives GPTQ no cross-column error feedback: each group's range comes from the
+    # unchanged weights, so GPTQ must reproduce RTN, clipped search included.
+    torch.manual_seed(0)
+    w = torch.randn(16, 128)
+    w[3, 5] = 12.0  # an outlier the clipped range gives up
+    gptq = quantize_int2_gptq(w, torch.eye(128), 64, act_order=True, clip_search=clip_search)
+    rtn = quantize_int2_rtn(w, 64, clip_search=clip_search)
+    assert torch.equal(gptq.packed, rtn.packed)
+    assert torch.equal(gptq.scales, rtn.scales) and torch.equal(gptq.zeros, rtn.zeros)
 
 
 def test_unsupported_shapes_say_why():

@@ -58,8 +58,8 @@ REGISTERED_BASE_MODELS = ("smollm2",)
 class Int2WeightOnlyScheme(Scheme):
     """INT2 group-wise weights (zero points unless `symmetric`); activations unchanged.
 
-    group_size: 32 | 64 | 128; method: rtn (clip_search: per-group range shrinking) | gptq
-    (act_order, damp_percent as for int4).
+    group_size: 32 | 64 | 128; method: rtn | gptq (act_order, damp_percent as for int4);
+    clip_search: per-group range shrinking, for both methods.
     """
 
     type: ClassVar[str] = "int2_weight_only"
@@ -173,6 +173,7 @@ def quantize_int2_weight_only(config: Int2WeightOnlyScheme, site: LayerSite) -> 
             damp=config.damp_percent,
             act_order=config.act_order,
             scale_dtype=weight.dtype,
+            clip_search=config.clip_search,
         )
     else:
         q = quantize_int2_rtn(weight, config.group_size, config.symmetric, config.clip_search, weight.dtype)
