@@ -28,7 +28,10 @@ maxq = 2^bits − 1; INT2 uses the same machinery):
                 z = clamp(round(−lo / s), 0, maxq), q = clamp(round(w / s) + z, 0, maxq)
 The scale is rounded up to `scale_dtype` before the codes are computed, so that the stored
 scale is the one the codes were made for: |w − (q − z) · s| ≤ s / 2 for every weight. A group of
-zeros gets scale 1 (any positive scale represents it).
+zeros gets scale 1 (any positive scale represents it). With a clipping search
+(`clipped_groupwise_params`, `clip_search`), each group takes the parameters of α·w for the α of
+a grid (INT4_CLIP_GRID; INT2's in `ops/int2.py`) with the lowest squared error of w itself, so
+that |w − (q − z) · s| ≤ s / 2 holds only inside the clipped range.
 
 Supported: K % g == 0 with g a power of two in 16..256 (`int4_supported` says why not; the
 quantize pass then leaves the layer in float). K is never padded: a ragged last group would
@@ -46,6 +49,9 @@ from dataclasses import dataclass
 import torch
 
 SUPPORTED_GROUP_SIZES = (16, 32, 64, 128, 256)
+# Range shrink factors of the INT4 clipping search (1.0 = min/max first): 16 levels leave less to
+# clip than INT2's 4, and on SmolLM2 GPTQ a 1.0-0.8 grid beat 1.0-0.5 (benchmarks/RESULTS.md).
+INT4_CLIP_GRID = tuple(1.0 - 0.02 * i for i in range(11))  # 1.0, 0.98, ..., 0.8
 FP8_E4M3_MAX = 448.0
 
 
@@ -161,13 +167,19 @@ def quantize_to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
 
 
 def quantize_int4_rtn(
-    w: torch.Tensor, group_size: int = 128, symmetric: bool = False, scale_dtype: torch.dtype | None = None
+    w: torch.Tensor,
+    group_size: int = 128,
+    symmetric: bool = False,
+    scale_dtype: torch.dtype | None = None,
+    clip_search: bool = False,
 ) -> Int4Weight:
-    """Round-to-nearest INT4 of a float weight [N, K] (module docstring; K % group_size == 0)."""
+    """Round-to-nearest INT4 of a float weight [N, K] (module docstring; K % group_size == 0);
+    with `clip_search`, each group's range is the best of INT4_CLIP_GRID (`clipped_groupwise_params`)."""
     reason = int4_supported(w.shape[-1], group_size)
     if reason:
         raise ValueError(reason)
-    scale, zero = groupwise_params(w, group_size, 4, symmetric, scale_dtype)  # [N, G]
+    alphas = INT4_CLIP_GRID if clip_search else INT4_CLIP_GRID[:1]
+    scale, zero = clipped_groupwise_params(w, group_size, 4, symmetric, scale_dtype, alphas)  # [N, G]
     codes = quantize_to_codes(w.unflatten(-1, (-1, group_size)), scale[..., None], zero[..., None])
     return make_int4_weight(codes.flatten(-2), scale, zero, group_size, symmetric, scale_dtype or w.dtype)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from angel_compile.ops.int4 import (
+    INT4_CLIP_GRID,
     Int4Weight,
     clipped_groupwise_params,
     int4_supported,
@@ -129,11 +130,16 @@ def gptq_quantize(
     act_order: bool = False,
     block_size: int = 128,
     scale_dtype: torch.dtype | None = None,
+    clip_search: bool = False,
 ) -> Int4Weight:
     """GPTQ of a float weight [N, K] to INT4 (`ops/int4.py` format), H = 2/n Σ x xᵀ [K, K] (fp32).
 
     `damp` is the fraction of mean(diag H) added to the diagonal; `block_size` the lazy-update
-    block. Raises ValueError for shapes `int4_supported` refuses.
+    block; `clip_search`: each group's range searched over INT4_CLIP_GRID. Raises ValueError for
+    shapes `int4_supported` refuses.
     """
-    codes, scale, zero = gptq_groupwise(w, hessian, group_size, 4, symmetric, damp, act_order, block_size, scale_dtype)
+    alphas = INT4_CLIP_GRID if clip_search else INT4_CLIP_GRID[:1]
+    codes, scale, zero = gptq_groupwise(
+        w, hessian, group_size, 4, symmetric, damp, act_order, block_size, scale_dtype, alphas
+    )
     return make_int4_weight(codes, scale, zero, group_size, symmetric, scale_dtype or w.dtype)

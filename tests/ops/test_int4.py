@@ -53,6 +53,24 @@ def test_rtn_error_is_at_most_half_a_step(symmetric, group_size, dtype):
         assert int(q.zeros.max()) <= 15
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_clip_search_never_raises_a_groups_error_and_clips_an_outlier(symmetric):
+    torch.manual_seed(0)
+    w = torch.randn(8, 256)
+    w[2, 7] = 9.0  # stretches its group's min/max range
+    plain = quantize_int4_rtn(w, 64, symmetric)
+    clipped = quantize_int4_rtn(w, 64, symmetric, clip_search=True)
+
+    def group_errors(q):
+        return (q.dequantize() - w).pow(2).unflatten(-1, (-1, 64)).sum(-1)  # [N, G]
+
+    # α = 1 (min/max) is the grid's first candidate: no group gets worse.
+    assert (group_errors(clipped) <= group_errors(plain) * (1 + 1e-6)).all()
+    if not symmetric:  # the outlier's group: a shrunk range wins (symmetric: within 1% here)
+        assert group_errors(clipped)[2, 0] < 0.9 * group_errors(plain)[2, 0]
+        assert clipped.scales[2, 0] < plain.scales[2, 0]
+
+
 def test_symmetric_codes_are_offset_binary():
     w = torch.tensor([[-7.5, -1.0, 0.0, 7.5] * 8])  # one group of 32: s = amax / 7.5 = 1
     q = quantize_int4_rtn(w, 32, symmetric=True)

@@ -177,6 +177,7 @@ def test_int4_recipe_exports_to_onnx_and_runs_in_onnxruntime(toy_llama, tmp_path
         ({"type": "int4_weight_only", "method": "hqq"}, "unknown method 'hqq'; one of ['rtn', 'gptq', 'awq']"),
         ({"type": "int4_weight_only", "damp_percent": 0}, "damp_percent must be in (0, 1], got 0"),
         ({"type": "int4_weight_only", "awq_grid": 0}, "awq_grid must be >= 1, got 0"),
+        ({"type": "int4_weight_only", "method": "awq", "clip_search": True}, "clip_search applies to methods rtn"),
         (
             {"type": "w4a8", "activation": "per_channel"},
             "unknown activation 'per_channel'; one of ['dynamic', 'static']",

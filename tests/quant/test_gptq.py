@@ -26,12 +26,15 @@ def test_gptq_beats_rtn_on_held_out_rows(symmetric, act_order):
 
 
 @pytest.mark.parametrize("act_order", [False, True])
-def test_with_a_diagonal_hessian_gptq_is_rtn(act_order):
-    # Uncorrelated inputs: the inverse Hessian is diagonal, so no error moves to other columns.
+@pytest.mark.parametrize("clip_search", [False, True])
+def test_with_a_diagonal_hessian_gptq_is_rtn(act_order, clip_search):
+    # Uncorrelated inputs: the inverse Hessian is diagonal, so no error moves to other columns
+    # and each group's range (min/max or searched) comes from its unchanged weights.
     w = torch.randn(16, 128)
+    w[3, 5] = 8.0  # an outlier the searched range clips
     h = torch.diag(torch.rand(128) + 0.5)
-    gptq = gptq_quantize(w, h, 64, act_order=act_order)
-    rtn = quantize_int4_rtn(w, 64)
+    gptq = gptq_quantize(w, h, 64, act_order=act_order, clip_search=clip_search)
+    rtn = quantize_int4_rtn(w, 64, clip_search=clip_search)
     assert torch.equal(gptq.packed, rtn.packed) and torch.equal(gptq.zeros, rtn.zeros)
     assert torch.allclose(gptq.scales, rtn.scales)
 

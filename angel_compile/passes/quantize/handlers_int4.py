@@ -51,7 +51,8 @@ class Int4WeightOnlyScheme(Scheme):
 
     group_size: 16..256, a power of two; method: rtn | gptq | awq. GPTQ: act_order (columns by
     decreasing H_jj), damp_percent (fraction of mean(diag H) added to H's diagonal),
-    block_size (lazy-update block). AWQ: awq_grid (α steps over [0, 1]).
+    block_size (lazy-update block). AWQ: awq_grid (α steps over [0, 1]). RTN and GPTQ:
+    clip_search (each group's range shrunk by the best α of INT4_CLIP_GRID).
     """
 
     type: ClassVar[str] = "int4_weight_only"
@@ -62,6 +63,7 @@ class Int4WeightOnlyScheme(Scheme):
     damp_percent: float = 0.01
     block_size: int = 128
     awq_grid: int = 20
+    clip_search: bool = False
 
     def __post_init__(self) -> None:
         if self.group_size not in SUPPORTED_GROUP_SIZES:
@@ -75,6 +77,8 @@ class Int4WeightOnlyScheme(Scheme):
             raise ValueError(f"scheme '{self.type}': block_size must be >= 1, got {self.block_size}")
         if self.awq_grid < 1:
             raise ValueError(f"scheme '{self.type}': awq_grid must be >= 1, got {self.awq_grid}")
+        if self.clip_search and self.method == "awq":
+            raise ValueError(f"scheme '{self.type}': clip_search applies to methods rtn and gptq, not awq")
 
     def statistics(self) -> set[str]:
         return {"hessian"} if self.method == "gptq" else set()
@@ -132,8 +136,9 @@ def quantize_int4_weight(config: Int4WeightOnlyScheme, site: LayerSite) -> Int4W
             act_order=config.act_order,
             block_size=config.block_size,
             scale_dtype=weight.dtype,
+            clip_search=config.clip_search,
         )
-    return quantize_int4_rtn(weight, config.group_size, config.symmetric, weight.dtype)
+    return quantize_int4_rtn(weight, config.group_size, config.symmetric, weight.dtype, config.clip_search)
 
 
 def _weight_nodes(site: LayerSite, q: Int4Weight) -> tuple[fx.Node, fx.Node, fx.Node | None]:
