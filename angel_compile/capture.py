@@ -15,6 +15,7 @@ parameters arrive as inputs).
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from collections.abc import Mapping
@@ -70,20 +71,14 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: A
     dynamic dim ("Constraints violated"). Deferred to run time, such a guard becomes an assert in
     the graph, which passes; a guard that fails for some size raises when the graph runs at it.
     """
+    export = functools.partial(torch.export.export, model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     with torch.no_grad():
         try:
-            return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            return export()
         except Exception as exc:
             if dynamic_shapes is None or "Constraints violated" not in str(exc):
                 raise
-            return torch.export.export(
-                model,
-                args,
-                kwargs,
-                dynamic_shapes=dynamic_shapes,
-                strict=False,
-                prefer_deferred_runtime_asserts_over_guards=True,
-            )
+            return export(prefer_deferred_runtime_asserts_over_guards=True)
 
 
 def parameter_path(source_name: str, fallback: str) -> str:

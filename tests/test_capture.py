@@ -3,7 +3,6 @@
 import torch
 import transformers
 
-import angel_compile.capture as capture
 from angel_compile.capture import capture_model
 from tests.utils import relative_error
 
@@ -50,7 +49,7 @@ def test_a_constraint_violation_is_retried_with_runtime_asserts(monkeypatch):
     monkeypatch.setattr(torch.export, "export", export_that_cannot_prove_a_guard)
     model = torch.nn.Linear(8, 4)
     dynamic = {"input": {0: torch.export.Dim("rows", min=2, max=64)}}
-    gm = capture.capture_model(model, (torch.randn(3, 8),), dynamic_shapes=dynamic)
+    gm = capture_model(model, (torch.randn(3, 8),), dynamic_shapes=dynamic)
     assert calls == [False, True]
     x = torch.randn(5, 8)
     assert torch.equal(gm(x), model(x))

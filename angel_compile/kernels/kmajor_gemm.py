@@ -11,15 +11,15 @@ accumulation, any M and N (masked edges), K % g == 0. BITS (4 or 2) is a constex
   place (the fields below bit 23) or in the word shifted right by 12 (the others), it is the fp32
   bit pattern of the subnormal q · 2^(p − 149), exactly, where p (p + BITS <= 23) is its bit
   position after the shift; x is scaled by 2^(85 − p), so each FFMA adds q x · 2^-64: one AND
-  and one FFMA per weight. A bf16 x becomes that scaled fp32 in one integer op, (bits << 16) + ((85 − p)
-  << 23) (adding to the exponent field). This needs FFMA without flush-to-zero (Triton's default)
-  and |x| < 2^43. The products of a group are summed, then scaled once; the zero point leaves the
+  and one FFMA per weight. A bf16 x becomes that scaled fp32 in one integer op, (bits << 16) +
+  ((85 − p) << 23) (adding to the exponent field). This needs FFMA without flush-to-zero
+  (Triton's default) and |x| < 2^43. The products of a group are summed, then scaled once; the zero point leaves the
   loop: Σ_k (q_k − z) s x_k = s Σ_k q_k x_k − z s Σ_k x_k, and the last term, summed over the
   split's groups from a [GPS, g] tile of x, is loaded before the loop so that its latency hides
   behind the word loads. SPLIT_K splits the groups over programs: the H100 runs this kernel
   latency-bound, so the launch makes many short one-warp programs of about K_PER_SPLIT k each
-  (`GEMV_CONFIG`, `gemv_split`); the split that finishes a channel block last adds the bias and writes y
-  (`split_k.last_split_total`), one launch per call.
+  (`GEMV_CONFIG`, `gemv_split`); the split that finishes a channel block last adds the bias and
+  writes y (`split_k.last_split_total`), one launch per call.
 - 1 < M <= SMALL_M_GEMV_MAX_M, `_small_m_gemv_kernel`: the GEMV's decoding, one word row a
   step, each weight decoded once (one AND) for all M rows (one FFMA a row), split K and the
   last-split epilogue as for M == 1 (the workspace holds [M, N] sums).
@@ -59,8 +59,8 @@ GEMV_CONFIG = {
     2: {"BLOCK_N": 256, "BLOCK_K": 16, "K_PER_SPLIT": 64, "num_warps": 1, "num_stages": 1},
 }
 # 1 < M <= SMALL_M_GEMV_MAX_M: the GEMV's decoding shared by the rows (`_small_m_gemv_kernel`),
-# one-warp programs of 256 channels, ~256 k a split: the best of an H100 sweep on the INT4 gate/up
-# shape at M = 2..4 (benchmarks/RESULTS.md); at M = 8 the tl.dot GEMM is faster.
+# one-warp programs of 256 channels, ~256 k a split: the best of H100 sweeps at M = 2..4 (INT4 and
+# INT2, both Llama shapes; benchmarks/RESULTS.md); at M = 8 the tl.dot GEMM is faster.
 SMALL_M_GEMV_MAX_M = 4
 SMALL_M_GEMV_CONFIG = {"BLOCK_N": 256, "K_PER_SPLIT": 256, "num_warps": 1, "num_stages": 1}
 # otherwise M <= 16: one 16-row tile; SPLIT_K is chosen per shape by `split_k_for`.
@@ -302,13 +302,19 @@ def gemv_split(groups: int, group_size: int, k_per_split: int) -> int:
     return triton.cdiv(groups, max(1, k_per_split // group_size))
 
 
+def pop_gemv_split(meta: dict, groups: int, group_size: int) -> int:
+    """The launch's K split: meta's SPLIT_K if set, else `gemv_split` of its K_PER_SPLIT. Both keys
+    leave `meta` (the rest goes to the kernel)."""
+    k_per_split = meta.pop("K_PER_SPLIT")
+    return meta.pop("SPLIT_K", None) or gemv_split(groups, group_size, k_per_split)
+
+
 def _gemv(x2, words, scales, zeros, bits, group_size, bias, config):
     n, k = words.shape[1], x2.shape[1]
     meta = {**GEMV_CONFIG[bits], **(config or {})}
     meta["BLOCK_K"] = min(meta["BLOCK_K"], group_size)
     groups = k // group_size
-    k_per_split = meta.pop("K_PER_SPLIT")
-    split = meta.pop("SPLIT_K", None) or gemv_split(groups, group_size, k_per_split)
+    split = pop_gemv_split(meta, groups, group_size)
     stages = meta.pop("num_stages")
     row_blocks = triton.cdiv(n, meta["BLOCK_N"])
     partial, arrived = gemv_workspace(x2.device, n, row_blocks)
@@ -328,8 +334,7 @@ def _small_m_gemv(x2, words, scales, zeros, bits, group_size, bias, config):
     n = words.shape[1]
     meta = {**SMALL_M_GEMV_CONFIG, **(config or {})}
     groups = k // group_size
-    k_per_split = meta.pop("K_PER_SPLIT")
-    split = meta.pop("SPLIT_K", None) or gemv_split(groups, group_size, k_per_split)
+    split = pop_gemv_split(meta, groups, group_size)
     row_blocks = triton.cdiv(n, meta["BLOCK_N"])
     partial, arrived = gemv_workspace(x2.device, m * n, row_blocks)
     out = x2.new_empty((m, n))

@@ -21,13 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
-from angel_compile.kernels.kmajor_gemm import gemv_split
+from angel_compile.kernels.kmajor_gemm import pop_gemv_split
 from angel_compile.kernels.split_k import finish_gemv, gemv_workspace, split_k_tiles
 from angel_compile.kernels.tiling import rows_and_contiguous
 
 SPAN = 128  # k per hi word
-GEMV_CONFIG = {"BLOCK_N": 128, "num_warps": 1}
-GEMV_K_PER_SPLIT = 128  # k per program (one span): K / 128 splits
+GEMV_CONFIG = {"BLOCK_N": 128, "K_PER_SPLIT": 128, "num_warps": 1}  # one span (128 k) per program
 
 
 @triton.jit
@@ -106,8 +105,7 @@ def _dequantize_kernel(
 def _gemv(x2, lo, hi, scales, group_size, bias, config):
     k, n = x2.shape[1], lo.shape[1]
     meta = {**GEMV_CONFIG, **(config or {})}
-    # spans (128 k) play the role of gemv_split's groups
-    split = meta.pop("SPLIT_K", None) or gemv_split(k // SPAN, SPAN, meta.pop("K_PER_SPLIT", GEMV_K_PER_SPLIT))
+    split = pop_gemv_split(meta, k // SPAN, SPAN)  # spans (128 k) play the role of groups
     table = torch.empty(k // 4, 32, dtype=torch.float32, device=x2.device)
     block_b = 32
     _table_kernel[(triton.cdiv(k // 4, block_b),)](x2, table, k // 4, BLOCK_B=block_b, num_warps=4)

@@ -131,7 +131,7 @@ def groupwise_params(
     return scale, zero
 
 
-def group_errors(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
+def _group_errors(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
     """Squared RTN error per group [N, G] of w [N, K] with params [N, G]."""
     groups = w.float().unflatten(-1, (-1, group_size))  # [N, G, g]
     codes = quantize_to_codes(groups, scale[..., None], zero[..., None], bits)
@@ -150,10 +150,12 @@ def clipped_groupwise_params(
     per group those of the lowest squared RTN error of w itself (outliers clipped to the end levels
     instead of stretching every step). `alphas` starts with 1.0 (the plain min/max range)."""
     best_scale, best_zero = groupwise_params(w * alphas[0], group_size, bits, symmetric, scale_dtype)
-    best_error = group_errors(w, best_scale, best_zero, group_size, bits)
+    if len(alphas) == 1:  # nothing to compare: skip the error pass
+        return best_scale, best_zero
+    best_error = _group_errors(w, best_scale, best_zero, group_size, bits)
     for alpha in alphas[1:]:
         scale, zero = groupwise_params(w * alpha, group_size, bits, symmetric, scale_dtype)
-        error = group_errors(w, scale, zero, group_size, bits)
+        error = _group_errors(w, scale, zero, group_size, bits)
         better = error < best_error
         best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero, best_zero)
