@@ -6,13 +6,18 @@ call rotates over > 200 MB of weight copies, so every weight byte comes from HBM
 Correctness is checked first against the float64 reference. Goals (issue 6, M = 1): INT2 ≥ 5×
 bf16, ternary ≥ 7× bf16 and faster than INT2.
 
-    python -m benchmarks.bench_lowbit [--quick] [--batches 1,16] [--variants]
+    python -m benchmarks.bench_lowbit [--quick] [--batches 1,16] [--variants | --ceiling]
 
 --variants times only M = 1: bf16 and every GEMV tile in `int2_gemm.GEMV_VARIANTS`,
 INT2_KMAJOR_VARIANTS (the K-major INT2 layout of `ops/kmajor.py`, which the int2-gptq recipe uses
 on CUDA), `ternary_gemm.GEMV_VARIANTS` and TERNARY_KMAJOR_VARIANTS (the K-major ternary layout of
 `ops/ternary_kmajor.py`), each checked against the reference first (one that fails to compile or
 is wrong is reported as failed), and prints one table of same-run speedups over bf16.
+
+--ceiling times only M = 1 and asks what bounds the K-major GEMVs: each default kernel with its
+weights streamed from HBM (rotated copies, as above) and with one copy resident in L2 (repeated),
+and the read-only streaming probe (`stream_probe.py`) reading as many bytes as the weight stores,
+from HBM, next to the time each goal allows (bf16 / 5 for INT2, bf16 / 7 for ternary).
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ from angel_compile.kernels.kmajor_gemm import kmajor_linear_triton
 from angel_compile.kernels.ternary_gemm import ternary_3of4_linear_triton
 from angel_compile.kernels.ternary_kmajor import ternary_kmajor_linear_triton
 from angel_compile.ops.int2 import int2_weight_only_linear_reference, quantize_int2_rtn
-from angel_compile.ops.kmajor import to_kmajor
+from angel_compile.ops.kmajor import kmajor_linear_reference, to_kmajor
 from angel_compile.ops.ternary import quantize_ternary_3of4, ternary_3of4_linear_reference
-from angel_compile.ops.ternary_kmajor import to_ternary_kmajor
+from angel_compile.ops.ternary_kmajor import ternary_kmajor_linear_reference, to_ternary_kmajor
+from benchmarks.stream_probe import probe_buffer, stream_sum_reference, stream_sum_triton
 
 # (role, N, K): out × in features; the issue writes them as K×N: 4096×14336 and 14336×4096.
 SHAPES = [("gate/up", 14336, 4096), ("down", 4096, 14336)]
@@ -43,6 +49,8 @@ INT2_GROUP, TERNARY_GROUP = 64, 128
 ROTATED_BYTES = 200e6  # > 4x the L2 of an H100 (50 MB) or H200 (60 MB)
 MAX_REL_ERROR = 1e-2  # bf16 output rounding
 VARIANTS_REP = 30  # ms per CUDA-graph measurement in --variants: the whole table in < 3 minutes
+L2_REPEATS = 16  # calls on one L2-resident copy per CUDA-graph replay in --ceiling
+GOALS = {"int2 K-major": 5.0, "ternary K-major": 7.0}  # issue 6: × bf16 at M = 1
 # K-major INT2 GEMV tiles (kernels/kmajor_gemm.py); {} is the default (256 channels, one word row
 # = 16 k per tile, 64 k a split); "n64_k64_s256" was the default until 2026-11-25.
 INT2_KMAJOR_VARIANTS = {
@@ -54,11 +62,12 @@ INT2_KMAJOR_VARIANTS = {
 }
 # K-major ternary GEMV tiles (kernels/ternary_kmajor.py); {} is the default.
 TERNARY_KMAJOR_VARIANTS = {
-    "default": {},  # BLOCK_N 128, one span (128 k) a program
-    "n64_k256": {"BLOCK_N": 64, "K_PER_SPLIT": 256},
+    "default": {},  # BLOCK_N 128, one span (128 k) a program, one warp
+    "n256": {"BLOCK_N": 256},
+    "n256_k256": {"BLOCK_N": 256, "K_PER_SPLIT": 256},
     "k256": {"K_PER_SPLIT": 256},
-    "k512": {"K_PER_SPLIT": 512},
-    "n128_k256_w2": {"K_PER_SPLIT": 256, "num_warps": 2},
+    "n64": {"BLOCK_N": 64},
+    "n256_w2": {"BLOCK_N": 256, "num_warps": 2},
 }
 
 
@@ -186,11 +195,75 @@ def _variants() -> None:
         torch.cuda.empty_cache()
 
 
+def _ceiling_row(role: str, n: int, k: int, name: str, copies: list, run, expected, bf16_us: float, rep: int) -> str:
+    """One --ceiling row: `run(copy)` (checked against `expected` first) on rotated copies (HBM) and
+    on one copy (L2), and the probe."""
+
+    def bench(calls: list) -> float:
+        return (
+            triton.testing.do_bench_cudagraph(lambda: [c() for c in calls], rep=rep, return_mode="median")
+            * 1e3
+            / len(calls)
+        )
+
+    error = _error(run(copies[0]), expected)
+    assert error < MAX_REL_ERROR, (role, name, error)
+    nbytes = copies[0].nbytes()
+    probes = [probe_buffer(nbytes, n, "cuda") for _ in range(_copies(nbytes))]
+    assert torch.equal(stream_sum_triton(probes[0]).cpu(), stream_sum_reference(probes[0].cpu()))
+    hbm = bench([functools.partial(run, q) for q in copies])
+    l2 = bench([functools.partial(run, copies[0])] * L2_REPEATS)
+    probe = bench([functools.partial(stream_sum_triton, b) for b in probes])
+    return (
+        f"| {role} {n}×{k} | {name} | {nbytes / 1e6:.1f} | {bf16_us:.1f} | {bf16_us / GOALS[name]:.1f} | "
+        f"{hbm:.1f} | {bf16_us / hbm:.2f}× | {l2:.1f} | {probe:.1f} | {bf16_us / probe:.2f}× |"
+    )
+
+
+def _ceiling(rep: int) -> None:
+    """M = 1: each K-major default GEMV from HBM and from L2, and the streaming probe on its bytes."""
+    print("\n## What bounds the K-major GEMVs, M = 1 (µs per call, CUDA-graph medians)")
+    print("HBM: rotated weight copies; L2: one copy, repeated; probe: a read-only kernel over as many bytes, from HBM.")
+    columns = ["shape (N×K)", "weight", "MB", "bf16 µs", "goal µs", "kernel µs, HBM", "× bf16", "kernel µs, L2"]
+    columns += ["probe µs", "probe × bf16"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for role, n, k in SHAPES:
+        bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(_copies(n * k * 2))]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        bf16_us = (
+            triton.testing.do_bench_cudagraph(
+                functools.partial(lambda x, ws: [F.linear(x, w) for w in ws], x, bf16), rep=rep, return_mode="median"
+            )
+            * 1e3
+            / len(bf16)
+        )
+        int2 = [KMajorCopy(q) for q in _int2_copies(bf16, n, k)]
+        ternary = [TernaryKMajorCopy(q, k) for q in _ternary_copies(bf16, n, k)]
+        del bf16
+
+        def run_int2(q: KMajorCopy, x=x) -> torch.Tensor:
+            return kmajor_linear_triton(x, q.words, q.scales, q.zeros, 2, INT2_GROUP)
+
+        def run_ternary(q: TernaryKMajorCopy, x=x) -> torch.Tensor:
+            return ternary_kmajor_linear_triton(x, q.lo, q.hi, q.scales, TERNARY_GROUP)
+
+        q, t = int2[0], ternary[0]
+        expected = kmajor_linear_reference(x.double(), q.words, q.scales.double(), q.zeros, 2, INT2_GROUP, None)
+        print(_ceiling_row(role, n, k, "int2 K-major", int2, run_int2, expected, bf16_us, rep), flush=True)
+        expected = ternary_kmajor_linear_reference(x.double(), t.lo, t.hi, t.scales.double(), TERNARY_GROUP, None)
+        print(_ceiling_row(role, n, k, "ternary K-major", ternary, run_ternary, expected, bf16_us, rep), flush=True)
+        del int2, ternary
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--batches", default="1,16", help="comma-separated M values")
-    parser.add_argument("--variants", action="store_true", help="only M = 1: every GEMV variant vs bf16")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--variants", action="store_true", help="only M = 1: every GEMV variant vs bf16")
+    group.add_argument("--ceiling", action="store_true", help="only M = 1: HBM vs L2-resident vs streaming probe")
     args = parser.parse_args()
     rep = 50 if args.quick else 300
     batches = [int(m) for m in args.batches.split(",")]
@@ -200,6 +273,9 @@ def main() -> None:
     )
     if args.variants:
         _variants()
+        return
+    if args.ceiling:
+        _ceiling(rep)
         return
     rows = []
     for role, n, k in SHAPES:

@@ -3,15 +3,16 @@
 lo int32 [K/32, N] (8 low code nibbles a word), hi int32 [K/128, N] (32 high code bits a word),
 scales [K/g, N]; y [M, N] in x's dtype, fp32 accumulation, any N (masked), K % 128 == 0.
 
-- M == 1 (decode): two launches.
-  `_table_kernel` writes T [K/4, 32] fp32, T[b, c] = Σ_p t_p(c) x[4b + p] (the 32 partial dot
-  products a block of 4 weights can contribute, in p order), 512 bytes per 16 weights of x.
-  `_gemv_kernel`: a program owns BLOCK_N output channels and the spans (128 k) of one K split; per
-  span it reads one hi word row and four lo word rows (N contiguous: 16-byte loads of 4 channels a
-  thread), and per block the code c = nibble | high bit << 4 (two shifts, two masks, an OR) selects
-  T[b, c]: one load that every lane of a warp makes from the same 128-byte row of T (one L1
-  wavefront), and one add. Scales multiply a chunk's (32 k) or a span's sum once. No
-  multiplication per weight. Split K as in `kernels/kmajor_gemm.py` (`split_k.finish_gemv`).
+- M == 1 (decode), `_gemv_kernel`, one launch. A program owns BLOCK_N output channels and the
+  spans (128 k) of one K split; per chunk row (32 k: 8 blocks of 4 weights) it reads one lo word a
+  channel (the span's hi word once) and builds in registers the chunk's table T [32, 8], T[c, b] =
+  Σ_p t_p(c) x[32·row + 4b + p] (the 32 sums a block's code can select; lane c holds code c, four
+  FFMAs an entry, shared by the program's channels). Each block's code c = nibble | high bit << 4
+  (shifts, masks, an OR) selects T[c, b] with `tl.gather`, which Triton lowers to one warp shuffle
+  (from lane c): no memory access and no multiplication per weight, one add. (To reach the
+  gather's layout, Triton 3.6 passes each word row through shared memory once; forcing one word a
+  lane instead was 8–10% slower on an H100, benchmarks/RESULTS.md.) Scales multiply a chunk's
+  (32 k) or a span's sum once. Split K as in `kernels/kmajor_gemm.py` (`split_k.finish_gemv`).
 - M > 1: `_dequantize_kernel` writes Wᵀ [K, N] in x's dtype and cuBLAS multiplies.
 """
 
@@ -39,27 +40,18 @@ def _code_weight(codes, p: tl.constexpr):
 
 
 @triton.jit
-def _table_kernel(x_ptr, table_ptr, BLOCKS, BLOCK_B: tl.constexpr):
-    blocks = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B]
-    valid = blocks < BLOCKS
-    codes = tl.arange(0, 32)  # [32]
-    table = tl.zeros((BLOCK_B, 32), dtype=tl.float32)
-    for p in tl.static_range(4):
-        x = tl.load(x_ptr + 4 * blocks + p, mask=valid, other=0.0).to(tl.float32)
-        table += x[:, None] * _code_weight(codes, p)[None, :]
-    tl.store(table_ptr + blocks[:, None] * 32 + codes[None, :], table, mask=valid[:, None])
-
-
-@triton.jit
 def _gemv_kernel(
-    table_ptr, lo_ptr, hi_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, arrived_ptr,
+    x_ptr, lo_ptr, hi_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, arrived_ptr,
     N, K, stride_lo, stride_hi, stride_s,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    span_begin, span_end = split_k_tiles(K // 128, tl.program_id(1), SPLIT_K)
+    span_begin, span_end = split_k_tiles(K // 128, tl.program_id(1), SPLIT_K)  # spans of 128 k
+    codes = tl.arange(0, 32)[:, None]  # [32, 1]
+    t0, t1, t2, t3 = _code_weight(codes, 0), _code_weight(codes, 1), _code_weight(codes, 2), _code_weight(codes, 3)
+    blocks = tl.arange(0, 8)  # the 8 blocks of a chunk row
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for q in range(span_begin, span_end):
         hi = tl.load(hi_ptr + q * stride_hi + offs_n, mask=n_mask, other=0)
@@ -67,10 +59,14 @@ def _gemv_kernel(
         for r in tl.static_range(4):
             row = 4 * q + r  # chunk row: k 32·row .. 32·row + 31
             lo = tl.load(lo_ptr + row * stride_lo + offs_n, mask=n_mask, other=0, eviction_policy="evict_first")
-            chunk_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for i in tl.static_range(8):
-                code = ((lo >> (4 * i)) & 15) | (((hi >> (8 * r + i)) & 1) << 4)
-                chunk_sum += tl.load(table_ptr + (8 * row + i) * 32 + code)
+            x_block = x_ptr + 32 * row + 4 * blocks  # [8]: the first x of each block
+            table = t0 * tl.load(x_block).to(tl.float32)[None, :]  # [32, 8]
+            table += t1 * tl.load(x_block + 1).to(tl.float32)[None, :]
+            table += t2 * tl.load(x_block + 2).to(tl.float32)[None, :]
+            table += t3 * tl.load(x_block + 3).to(tl.float32)[None, :]
+            nibble = (lo[:, None] >> (4 * blocks[None, :])) & 15
+            code = nibble | (((hi[:, None] >> (8 * r + blocks[None, :])) & 1) << 4)  # [BLOCK_N, 8]
+            chunk_sum = tl.sum(tl.gather(table, code, axis=0), axis=1)  # [BLOCK_N]
             if GROUP % 128 == 0:
                 span_sum += chunk_sum
             else:  # a group of 32 or 64 k: scale each chunk
@@ -106,14 +102,11 @@ def _gemv(x2, lo, hi, scales, group_size, bias, config):
     k, n = x2.shape[1], lo.shape[1]
     meta = {**GEMV_CONFIG, **(config or {})}
     split = pop_gemv_split(meta, k // SPAN, SPAN)  # spans (128 k) play the role of groups
-    table = torch.empty(k // 4, 32, dtype=torch.float32, device=x2.device)
-    block_b = 32
-    _table_kernel[(triton.cdiv(k // 4, block_b),)](x2, table, k // 4, BLOCK_B=block_b, num_warps=4)
     row_blocks = triton.cdiv(n, meta["BLOCK_N"])
     partial, arrived = gemv_workspace(x2.device, n, row_blocks)
     out = x2.new_empty((1, n))
     _gemv_kernel[(row_blocks, split)](
-        table, lo, hi, scales, scales if bias is None else bias, out, partial, arrived,
+        x2, lo, hi, scales, scales if bias is None else bias, out, partial, arrived,
         n, k, lo.stride(0), hi.stride(0), scales.stride(0),
         GROUP=group_size, HAS_BIAS=bias is not None, SPLIT_K=split, **meta,
     )  # fmt: skip

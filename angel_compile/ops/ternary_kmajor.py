@@ -15,9 +15,10 @@ defined in `ops/ternary.py`: c = z << 3 | s):
 5 bits per block of 4 weights, 1.25 bits per weight, as in the row-major bytes.
 
 Why: the decode GEMV (`kernels/ternary_kmajor.py`) looks every code up in a table of the 32
-partial dot products Σ_p t_p(c) x[4b + p] of each block b of x (built once per call), so a block
-of 4 weights costs a shift, a mask, an OR, one cached load and one add; a thread's words hold
-whole blocks of a few output channels, and N contiguous keeps the loads coalesced. The row-major
+partial dot products Σ_p t_p(c) x[4b + p] of each block b of x (built in registers, one entry a
+lane), so a block of 4 weights costs shifts, masks, an OR, one warp shuffle and one add; a
+thread's words hold whole blocks of a few output channels, and N contiguous keeps the loads
+coalesced. The row-major
 bytes stay the quantize pass's output and ONNX's layout; the `kmajor_layout` pass converts.
 """
 
