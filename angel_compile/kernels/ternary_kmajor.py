@@ -13,7 +13,8 @@ scales [K/g, N]; y [M, N] in x's dtype, fp32 accumulation, any N (masked), K % 1
   gather's layout, Triton 3.6 passes each word row through shared memory once; forcing one word a
   lane instead was 8–10% slower on an H100, benchmarks/RESULTS.md.) Scales multiply a chunk's
   (32 k) or a span's sum once. Split K as in `kernels/kmajor_gemm.py` (`split_k.finish_gemv`).
-- M > 1: `_dequantize_kernel` writes Wᵀ [K, N] in x's dtype and cuBLAS multiplies.
+- 1 < M <= ROW_GEMV_MAX_M: the GEMV once per row.
+- larger M: `_dequantize_kernel` writes Wᵀ [K, N] in x's dtype and cuBLAS multiplies.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from angel_compile.kernels.tiling import rows_and_contiguous
 
 SPAN = 128  # k per hi word
 GEMV_CONFIG = {"BLOCK_N": 128, "K_PER_SPLIT": 128, "num_warps": 1}  # one span (128 k) per program
+# Up to this M the GEMV runs once per row (reading W each time): on an H100 at Llama shapes M GEMVs
+# take ~11 µs each, dequantize + cuBLAS ~100 µs (benchmarks/RESULTS.md).
+ROW_GEMV_MAX_M = 8
 
 
 @triton.jit
@@ -98,19 +102,18 @@ def _dequantize_kernel(
             tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-def _gemv(x2, lo, hi, scales, group_size, bias, config):
-    k, n = x2.shape[1], lo.shape[1]
+def _gemv(x_row, lo, hi, scales, group_size, bias, config, out_row):
+    """y row [N] = x row [K] @ Wᵀ (+ bias), written into out_row."""
+    k, n = x_row.shape[0], lo.shape[1]
     meta = {**GEMV_CONFIG, **(config or {})}
     split = pop_gemv_split(meta, k // SPAN, SPAN)  # spans (128 k) play the role of groups
     row_blocks = triton.cdiv(n, meta["BLOCK_N"])
-    partial, arrived = gemv_workspace(x2.device, n, row_blocks)
-    out = x2.new_empty((1, n))
+    partial, arrived = gemv_workspace(x_row.device, n, row_blocks)
     _gemv_kernel[(row_blocks, split)](
-        x2, lo, hi, scales, scales if bias is None else bias, out, partial, arrived,
+        x_row, lo, hi, scales, scales if bias is None else bias, out_row, partial, arrived,
         n, k, lo.stride(0), hi.stride(0), scales.stride(0),
         GROUP=group_size, HAS_BIAS=bias is not None, SPLIT_K=split, **meta,
     )  # fmt: skip
-    return out
 
 
 def dequantize_ternary_kmajor_triton(
@@ -138,8 +141,8 @@ def ternary_kmajor_linear_triton(
 ) -> torch.Tensor:
     """x [..., K] float -> [..., N] in x's dtype.
 
-    `config` (BLOCK_N, num_warps, SPLIT_K or K_PER_SPLIT) replaces the GEMV's tile; M > 1
-    dequantizes Wᵀ for cuBLAS.
+    M <= ROW_GEMV_MAX_M: the GEMV, once per row; larger M dequantizes Wᵀ for cuBLAS. `config`
+    (BLOCK_N, num_warps, SPLIT_K or K_PER_SPLIT) replaces the GEMV's tile.
     """
     *lead, k = x.shape
     n = lo.shape[1]
@@ -147,8 +150,10 @@ def ternary_kmajor_linear_triton(
     m = x2.shape[0]
     if m == 0:
         return x.new_empty((*lead, n))
-    if m == 1:
-        out = _gemv(x2, lo, hi, scales, group_size, bias, config)
+    if m <= ROW_GEMV_MAX_M:
+        out = x2.new_empty((m, n))
+        for i in range(m):
+            _gemv(x2[i], lo, hi, scales, group_size, bias, config, out[i])
     else:
         w_t = dequantize_ternary_kmajor_triton(lo, hi, scales, group_size, x.dtype)  # [K, N]
         out = torch.addmm(bias, x2, w_t) if bias is not None else x2 @ w_t

@@ -47,7 +47,7 @@ def test_bad_formats_are_named():
     (33, 512, 64, {"BLOCK_N": 16, "K_PER_SPLIT": 128}),
     (16, 256, 256, None),
 ])  # fmt: skip
-@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("m", [1, 3, ternary_kmajor.ROW_GEMV_MAX_M + 1])  # GEMV, GEMV per row, dequantize
 def test_kernel_matches_the_reference(n, k, group, config, m):
     q, (lo, hi, scales) = _weight(n, k, group)
     x, bias = torch.randn(m, k), torch.randn(n)
@@ -73,7 +73,7 @@ def test_sm90_code_generation():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n, k", [(14336, 4096), (4096, 14336), (1000, 384)])
-@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("m", [1, 3, 16])
 def test_on_gpu(n, k, m):
     q, (lo, hi, scales) = _weight(n, k, 128, "cuda")
     lo, hi, scales = lo, hi, scales.to(torch.bfloat16)
