@@ -13,7 +13,9 @@ scales [K/g, N]; y [M, N] in x's dtype, fp32 accumulation, any N (masked), K % 1
   gather's layout, Triton 3.6 passes each word row through shared memory once; forcing one word a
   lane instead was 8–10% slower on an H100, benchmarks/RESULTS.md.) Scales multiply a chunk's
   (32 k) or a span's sum once. Split K as in `kernels/kmajor_gemm.py` (`split_k.finish_gemv`).
-- 1 < M <= ROW_GEMV_MAX_M: the GEMV once per row.
+- 1 < M <= SMALL_M_GEMV_MAX_M, `_small_m_gemv_kernel`: the same with BLOCK_M rows; each block's
+  code is decoded once and selects from every row's table (T [BLOCK_M, 32, 8]); the split-K
+  workspace holds [M, N] sums.
 - larger M: `_dequantize_kernel` writes Wᵀ [K, N] in x's dtype and cuBLAS multiplies.
 """
 
@@ -24,14 +26,20 @@ import triton
 import triton.language as tl
 
 from angel_compile.kernels.kmajor_gemm import pop_gemv_split
-from angel_compile.kernels.split_k import finish_gemv, gemv_workspace, split_k_tiles
+from angel_compile.kernels.split_k import finish_gemv, gemv_workspace, last_split_total, split_k_tiles
 from angel_compile.kernels.tiling import rows_and_contiguous
 
 SPAN = 128  # k per hi word
 GEMV_CONFIG = {"BLOCK_N": 128, "K_PER_SPLIT": 128, "num_warps": 1}  # one span (128 k) per program
-# Up to this M the GEMV runs once per row (reading W each time): on an H100 at Llama shapes M GEMVs
-# take ~11 µs each, dequantize + cuBLAS ~100 µs (benchmarks/RESULTS.md).
-ROW_GEMV_MAX_M = 8
+# 1 < M <= SMALL_M_GEMV_MAX_M: `_small_m_gemv_kernel`, one warp, tiles per BLOCK_M (M rounded up to
+# a power of two): the best of an H100 sweep at both Llama shapes (benchmarks/RESULTS.md); at
+# BLOCK_M = 8, 128 channels spill registers. Larger M: dequantize + cuBLAS.
+SMALL_M_GEMV_MAX_M = 8
+SMALL_M_GEMV_CONFIGS = {
+    2: {"BLOCK_N": 128, "K_PER_SPLIT": 256},
+    4: {"BLOCK_N": 128, "K_PER_SPLIT": 128},
+    8: {"BLOCK_N": 64, "K_PER_SPLIT": 128},
+}
 
 
 @triton.jit
@@ -83,6 +91,57 @@ def _gemv_kernel(
 
 
 @triton.jit
+def _small_m_gemv_kernel(
+    x_ptr, lo_ptr, hi_ptr, s_ptr, bias_ptr, out_ptr, partial_ptr, arrived_ptr,
+    M, N, K, stride_xm, stride_lo, stride_hi, stride_s, stride_om,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    n_mask, m_mask = offs_n < N, offs_m < M
+    span_begin, span_end = split_k_tiles(K // 128, tl.program_id(1), SPLIT_K)  # spans of 128 k
+    codes = tl.arange(0, 32)[None, :, None]  # [1, 32, 1]
+    t0, t1, t2, t3 = _code_weight(codes, 0), _code_weight(codes, 1), _code_weight(codes, 2), _code_weight(codes, 3)
+    blocks = tl.arange(0, 8)
+    x_blocks = x_ptr + offs_m[:, None] * stride_xm + 4 * blocks[None, :]  # [BLOCK_M, 8]: a chunk row's blocks
+    x_mask = m_mask[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for q in range(span_begin, span_end):
+        hi = tl.load(hi_ptr + q * stride_hi + offs_n, mask=n_mask, other=0)
+        span_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r in tl.static_range(4):
+            row = 4 * q + r  # chunk row: k 32·row .. 32·row + 31
+            lo = tl.load(lo_ptr + row * stride_lo + offs_n, mask=n_mask, other=0, eviction_policy="evict_first")
+            x_row = x_blocks + 32 * row
+            table = t0 * tl.load(x_row, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]  # [BLOCK_M, 32, 8]
+            table += t1 * tl.load(x_row + 1, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]
+            table += t2 * tl.load(x_row + 2, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]
+            table += t3 * tl.load(x_row + 3, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]
+            nibble = (lo[:, None] >> (4 * blocks[None, :])) & 15
+            code = nibble | (((hi[:, None] >> (8 * r + blocks[None, :])) & 1) << 4)  # [BLOCK_N, 8]
+            rows_code = tl.broadcast_to(code[None, :, :], (BLOCK_M, BLOCK_N, 8))
+            chunk_sum = tl.sum(tl.gather(table, rows_code, axis=1), axis=2)  # [BLOCK_M, BLOCK_N]
+            if GROUP % 128 == 0:
+                span_sum += chunk_sum
+            else:  # a group of 32 or 64 k: scale each chunk
+                scale = tl.load(s_ptr + (32 * row // GROUP) * stride_s + offs_n, mask=n_mask, other=0.0)
+                acc = tl.fma(chunk_sum, scale.to(tl.float32)[None, :], acc)
+        if GROUP % 128 == 0:
+            scale = tl.load(s_ptr + (128 * q // GROUP) * stride_s + offs_n, mask=n_mask, other=0.0)
+            acc = tl.fma(span_sum, scale.to(tl.float32)[None, :], acc)
+    offs = offs_m[:, None] * N + offs_n[None, :]  # into the [M, N] workspace
+    mask = m_mask[:, None] & n_mask[None, :]
+    y, last = last_split_total(acc, offs, mask, partial_ptr, arrived_ptr, pid_n, SPLIT_K)
+    if last:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _dequantize_kernel(
     lo_ptr, hi_ptr, s_ptr, out_ptr, N, stride_lo, stride_hi, stride_s, stride_ok,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -102,18 +161,37 @@ def _dequantize_kernel(
             tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-def _gemv(x_row, lo, hi, scales, group_size, bias, config, out_row):
-    """y row [N] = x row [K] @ Wᵀ (+ bias), written into out_row."""
-    k, n = x_row.shape[0], lo.shape[1]
+def _gemv(x2, lo, hi, scales, group_size, bias, config):
+    k, n = x2.shape[1], lo.shape[1]
     meta = {**GEMV_CONFIG, **(config or {})}
     split = pop_gemv_split(meta, k // SPAN, SPAN)  # spans (128 k) play the role of groups
     row_blocks = triton.cdiv(n, meta["BLOCK_N"])
-    partial, arrived = gemv_workspace(x_row.device, n, row_blocks)
+    partial, arrived = gemv_workspace(x2.device, n, row_blocks)
+    out = x2.new_empty((1, n))
     _gemv_kernel[(row_blocks, split)](
-        x_row, lo, hi, scales, scales if bias is None else bias, out_row, partial, arrived,
+        x2, lo, hi, scales, scales if bias is None else bias, out, partial, arrived,
         n, k, lo.stride(0), hi.stride(0), scales.stride(0),
         GROUP=group_size, HAS_BIAS=bias is not None, SPLIT_K=split, **meta,
     )  # fmt: skip
+    return out
+
+
+def _small_m_gemv(x2, lo, hi, scales, group_size, bias, config):
+    (m, k), n = x2.shape, lo.shape[1]
+    block_m = triton.next_power_of_2(m)
+    meta = {**SMALL_M_GEMV_CONFIGS[block_m], "num_warps": 1, **(config or {})}
+    if meta["num_warps"] != 1:
+        raise ValueError(f"the small-M ternary GEMV runs one warp (warp-local gathers), got {meta['num_warps']}")
+    split = pop_gemv_split(meta, k // SPAN, SPAN)
+    row_blocks = triton.cdiv(n, meta["BLOCK_N"])
+    partial, arrived = gemv_workspace(x2.device, m * n, row_blocks)
+    out = x2.new_empty((m, n))
+    _small_m_gemv_kernel[(row_blocks, split)](
+        x2, lo, hi, scales, scales if bias is None else bias, out, partial, arrived,
+        m, n, k, x2.stride(0), lo.stride(0), hi.stride(0), scales.stride(0), out.stride(0),
+        GROUP=group_size, HAS_BIAS=bias is not None, BLOCK_M=block_m, SPLIT_K=split, **meta,
+    )  # fmt: skip
+    return out
 
 
 def dequantize_ternary_kmajor_triton(
@@ -141,8 +219,8 @@ def ternary_kmajor_linear_triton(
 ) -> torch.Tensor:
     """x [..., K] float -> [..., N] in x's dtype.
 
-    M <= ROW_GEMV_MAX_M: the GEMV, once per row; larger M dequantizes Wᵀ for cuBLAS. `config`
-    (BLOCK_N, num_warps, SPLIT_K or K_PER_SPLIT) replaces the GEMV's tile.
+    M <= SMALL_M_GEMV_MAX_M: a GEMV (`config`: BLOCK_N, num_warps, SPLIT_K or K_PER_SPLIT replaces
+    its tile); larger M dequantizes Wᵀ for cuBLAS.
     """
     *lead, k = x.shape
     n = lo.shape[1]
@@ -150,10 +228,10 @@ def ternary_kmajor_linear_triton(
     m = x2.shape[0]
     if m == 0:
         return x.new_empty((*lead, n))
-    if m <= ROW_GEMV_MAX_M:
-        out = x2.new_empty((m, n))
-        for i in range(m):
-            _gemv(x2[i], lo, hi, scales, group_size, bias, config, out[i])
+    if m == 1:
+        out = _gemv(x2, lo, hi, scales, group_size, bias, config)
+    elif m <= SMALL_M_GEMV_MAX_M:
+        out = _small_m_gemv(x2, lo, hi, scales, group_size, bias, config)
     else:
         w_t = dequantize_ternary_kmajor_triton(lo, hi, scales, group_size, x.dtype)  # [K, N]
         out = torch.addmm(bias, x2, w_t) if bias is not None else x2 @ w_t

@@ -47,7 +47,7 @@ def test_bad_formats_are_named():
     (33, 512, 64, {"BLOCK_N": 16, "K_PER_SPLIT": 128}),
     (16, 256, 256, None),
 ])  # fmt: skip
-@pytest.mark.parametrize("m", [1, 3, ternary_kmajor.ROW_GEMV_MAX_M + 1])  # GEMV, GEMV per row, dequantize
+@pytest.mark.parametrize("m", [1, 3, ternary_kmajor.SMALL_M_GEMV_MAX_M, ternary_kmajor.SMALL_M_GEMV_MAX_M + 1])
 def test_kernel_matches_the_reference(n, k, group, config, m):
     q, (lo, hi, scales) = _weight(n, k, group)
     x, bias = torch.randn(m, k), torch.randn(n)
@@ -56,24 +56,35 @@ def test_kernel_matches_the_reference(n, k, group, config, m):
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_small_m_gemv_runs_one_warp():
+    q, (lo, hi, scales) = _weight(16, 256, 128)
+    with pytest.raises(ValueError, match="one warp"):
+        ternary_kmajor_linear_triton(torch.randn(2, 256), lo, hi, scales, 128, None, {"num_warps": 2})
+
+
 def ptx_for_sm90() -> dict[str, str]:
     types = {"x_ptr": "*bf16", "lo_ptr": "*i32", "hi_ptr": "*i32", "s_ptr": "*bf16", "bias_ptr": "*bf16",
              "out_ptr": "*bf16", "partial_ptr": "*fp32", "arrived_ptr": "*i32"}  # fmt: skip
     meta = {"GROUP": 128, "HAS_BIAS": True, "BLOCK_N": 128, "SPLIT_K": 8}
-    return {"gemv": compile_sm90_ptx(ternary_kmajor._gemv_kernel, types, meta, 1, 1)}
+    return {
+        "gemv": compile_sm90_ptx(ternary_kmajor._gemv_kernel, types, meta, 1, 1),
+        "small_m": compile_sm90_ptx(ternary_kmajor._small_m_gemv_kernel, types, {**meta, "BLOCK_M": 4}, 1, 1),
+    }
 
 
 def test_sm90_code_generation():
-    gemv = ptx_from_fresh_process(__name__)["gemv"]
-    assert ".target sm_90" in gemv
+    ptx = ptx_from_fresh_process(__name__)
+    assert all(".target sm_90" in code for code in ptx.values())
     # A span is 128 blocks for each of a thread's 4 channels: every block's lookup is a warp
-    # shuffle into the register table, none a load (the table is not in memory).
-    assert gemv.count("shfl.sync.idx") >= 512 and gemv.count("ld.global") < 512
+    # shuffle into the register table, none a load (the table is not in memory); with 4 rows,
+    # one lookup per row and block.
+    assert ptx["gemv"].count("shfl.sync.idx") >= 512 and ptx["gemv"].count("ld.global") < 512
+    assert ptx["small_m"].count("shfl.sync.idx") >= 4 * 512 and ptx["small_m"].count("ld.global") < 512
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n, k", [(14336, 4096), (4096, 14336), (1000, 384)])
-@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 16])
 def test_on_gpu(n, k, m):
     q, (lo, hi, scales) = _weight(n, k, 128, "cuda")
     lo, hi, scales = lo, hi, scales.to(torch.bfloat16)
