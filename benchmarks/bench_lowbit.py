@@ -195,25 +195,26 @@ def _variants() -> None:
         torch.cuda.empty_cache()
 
 
+def _bench_calls(calls: list, rep: int) -> float:
+    """µs per call: the CUDA-graph median of running every zero-argument call in `calls` once."""
+    return (
+        triton.testing.do_bench_cudagraph(lambda: [c() for c in calls], rep=rep, return_mode="median")
+        * 1e3
+        / len(calls)
+    )
+
+
 def _ceiling_row(role: str, n: int, k: int, name: str, copies: list, run, expected, bf16_us: float, rep: int) -> str:
     """One --ceiling row: `run(copy)` (checked against `expected` first) on rotated copies (HBM) and
     on one copy (L2), and the probe."""
-
-    def bench(calls: list) -> float:
-        return (
-            triton.testing.do_bench_cudagraph(lambda: [c() for c in calls], rep=rep, return_mode="median")
-            * 1e3
-            / len(calls)
-        )
-
     error = _error(run(copies[0]), expected)
     assert error < MAX_REL_ERROR, (role, name, error)
     nbytes = copies[0].nbytes()
     probes = [probe_buffer(nbytes, n, "cuda") for _ in range(_copies(nbytes))]
     assert torch.equal(stream_sum_triton(probes[0]).cpu(), stream_sum_reference(probes[0].cpu()))
-    hbm = bench([functools.partial(run, q) for q in copies])
-    l2 = bench([functools.partial(run, copies[0])] * L2_REPEATS)
-    probe = bench([functools.partial(stream_sum_triton, b) for b in probes])
+    hbm = _bench_calls([functools.partial(run, q) for q in copies], rep)
+    l2 = _bench_calls([functools.partial(run, copies[0])] * L2_REPEATS, rep)
+    probe = _bench_calls([functools.partial(stream_sum_triton, b) for b in probes], rep)
     return (
         f"| {role} {n}×{k} | {name} | {nbytes / 1e6:.1f} | {bf16_us:.1f} | {bf16_us / GOALS[name]:.1f} | "
         f"{hbm:.1f} | {bf16_us / hbm:.2f}× | {l2:.1f} | {probe:.1f} | {bf16_us / probe:.2f}× |"
@@ -231,13 +232,7 @@ def _ceiling(rep: int) -> None:
     for role, n, k in SHAPES:
         bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(_copies(n * k * 2))]
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        bf16_us = (
-            triton.testing.do_bench_cudagraph(
-                functools.partial(lambda x, ws: [F.linear(x, w) for w in ws], x, bf16), rep=rep, return_mode="median"
-            )
-            * 1e3
-            / len(bf16)
-        )
+        bf16_us = _bench_calls([functools.partial(F.linear, x, w) for w in bf16], rep)
         int2 = [KMajorCopy(q) for q in _int2_copies(bf16, n, k)]
         ternary = [TernaryKMajorCopy(q, k) for q in _ternary_copies(bf16, n, k)]
         del bf16

@@ -40,9 +40,9 @@ import triton.language as tl
 from angel_compile.kernels.int4_gemm import DEQUANTIZE_MIN_M, _nibble_to_fp32
 from angel_compile.kernels.split_k import (
     finish_gemv,
+    finish_small_m_gemv,
     finish_split_k,
     gemv_workspace,
-    last_split_total,
     split_k_for,
     split_k_output,
     split_k_tiles,
@@ -196,14 +196,10 @@ def _small_m_gemv_kernel(
             dot = _word_dot(dot, words.to(tl.uint32, bitcast=True), x_col + row * FIELDS, m_mask[:, None], BITS)
         acc = tl.fma(dot, scale[None, :], acc)
     total = acc * (2.0**64) - zero_term
-    offs = offs_m[:, None] * N + offs_n[None, :]  # into the [M, N] workspace
-    mask = m_mask[:, None] & n_mask[None, :]
-    y, last = last_split_total(total, offs, mask, partial_ptr, arrived_ptr, pid_n, SPLIT_K)
-    if last:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    finish_small_m_gemv(
+        total, offs_m, offs_n, m_mask, n_mask, N, partial_ptr, arrived_ptr, pid_n, bias_ptr, out_ptr, stride_om,
+        HAS_BIAS, SPLIT_K,
+    )  # fmt: skip
 
 
 @triton.jit

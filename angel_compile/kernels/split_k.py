@@ -108,3 +108,20 @@ def finish_gemv(
         if HAS_BIAS:
             y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def finish_small_m_gemv(
+    acc, offs_m, offs_n, m_mask, n_mask, N, partial_ptr, arrived_ptr, row_block, bias_ptr, out_ptr, stride_om,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    """`finish_gemv` for M rows: acc [BLOCK_M, BLOCK_N] goes through the [M, N] workspace, and the
+    last split writes y [M, N] (row stride stride_om) in out's dtype, bias added."""
+    offs = offs_m[:, None] * N + offs_n[None, :]  # into the [M, N] workspace
+    mask = m_mask[:, None] & n_mask[None, :]
+    y, last = last_split_total(acc, offs, mask, partial_ptr, arrived_ptr, row_block, SPLIT_K)
+    if last:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)

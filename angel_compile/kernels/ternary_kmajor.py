@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from angel_compile.kernels.kmajor_gemm import pop_gemv_split
-from angel_compile.kernels.split_k import finish_gemv, gemv_workspace, last_split_total, split_k_tiles
+from angel_compile.kernels.split_k import finish_gemv, finish_small_m_gemv, gemv_workspace, split_k_tiles
 from angel_compile.kernels.tiling import rows_and_contiguous
 
 SPAN = 128  # k per hi word
@@ -49,6 +49,13 @@ def _code_weight(codes, p: tl.constexpr):
     j = p - (z < p).to(tl.int32)  # the rank of p among the non-zero positions
     negative = (codes >> j) & 1
     return tl.where(z == p, 0.0, 1.0 - 2.0 * negative.to(tl.float32))
+
+
+@triton.jit
+def _chunk_codes(lo, hi, R: tl.constexpr, blocks):
+    """[BLOCK_N, 8] 5-bit codes of chunk row R of a span: nibble b of lo | bit 8R + b of hi << 4."""
+    nibble = (lo[:, None] >> (4 * blocks[None, :])) & 15
+    return nibble | (((hi[:, None] >> (8 * R + blocks[None, :])) & 1) << 4)
 
 
 @triton.jit
@@ -76,8 +83,7 @@ def _gemv_kernel(
             table += t1 * tl.load(x_block + 1).to(tl.float32)[None, :]
             table += t2 * tl.load(x_block + 2).to(tl.float32)[None, :]
             table += t3 * tl.load(x_block + 3).to(tl.float32)[None, :]
-            nibble = (lo[:, None] >> (4 * blocks[None, :])) & 15
-            code = nibble | (((hi[:, None] >> (8 * r + blocks[None, :])) & 1) << 4)  # [BLOCK_N, 8]
+            code = _chunk_codes(lo, hi, r, blocks)  # [BLOCK_N, 8]
             chunk_sum = tl.sum(tl.gather(table, code, axis=0), axis=1)  # [BLOCK_N]
             if GROUP % 128 == 0:
                 span_sum += chunk_sum
@@ -119,8 +125,7 @@ def _small_m_gemv_kernel(
             table += t1 * tl.load(x_row + 1, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]
             table += t2 * tl.load(x_row + 2, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]
             table += t3 * tl.load(x_row + 3, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]
-            nibble = (lo[:, None] >> (4 * blocks[None, :])) & 15
-            code = nibble | (((hi[:, None] >> (8 * r + blocks[None, :])) & 1) << 4)  # [BLOCK_N, 8]
+            code = _chunk_codes(lo, hi, r, blocks)  # [BLOCK_N, 8]
             rows_code = tl.broadcast_to(code[None, :, :], (BLOCK_M, BLOCK_N, 8))
             chunk_sum = tl.sum(tl.gather(table, rows_code, axis=1), axis=2)  # [BLOCK_M, BLOCK_N]
             if GROUP % 128 == 0:
@@ -131,14 +136,10 @@ def _small_m_gemv_kernel(
         if GROUP % 128 == 0:
             scale = tl.load(s_ptr + (128 * q // GROUP) * stride_s + offs_n, mask=n_mask, other=0.0)
             acc = tl.fma(span_sum, scale.to(tl.float32)[None, :], acc)
-    offs = offs_m[:, None] * N + offs_n[None, :]  # into the [M, N] workspace
-    mask = m_mask[:, None] & n_mask[None, :]
-    y, last = last_split_total(acc, offs, mask, partial_ptr, arrived_ptr, pid_n, SPLIT_K)
-    if last:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    finish_small_m_gemv(
+        acc, offs_m, offs_n, m_mask, n_mask, N, partial_ptr, arrived_ptr, pid_n, bias_ptr, out_ptr, stride_om,
+        HAS_BIAS, SPLIT_K,
+    )  # fmt: skip
 
 
 @triton.jit

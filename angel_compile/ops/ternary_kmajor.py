@@ -18,8 +18,8 @@ Why: the decode GEMV (`kernels/ternary_kmajor.py`) looks every code up in a tabl
 partial dot products Σ_p t_p(c) x[4b + p] of each block b of x (built in registers, one entry a
 lane), so a block of 4 weights costs shifts, masks, an OR, one warp shuffle and one add; a
 thread's words hold whole blocks of a few output channels, and N contiguous keeps the loads
-coalesced. The row-major
-bytes stay the quantize pass's output and ONNX's layout; the `kmajor_layout` pass converts.
+coalesced. The row-major bytes stay the quantize pass's output and ONNX's layout; the
+`kmajor_layout` pass converts.
 """
 
 from __future__ import annotations
