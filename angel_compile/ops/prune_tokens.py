@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
 
 METHODS = ("mmr", "diversity", "topk", "stride", "random")
+IntLike = int | torch.SymInt
 
 # (normalized features [B, M, D], importance [B, M], keep, lambda_) -> picks [B, keep] in pick order
 MmrSelect = Callable[[torch.Tensor, torch.Tensor, int, float], torch.Tensor]
@@ -50,10 +52,20 @@ MmrSelect = Callable[[torch.Tensor, torch.Tensor, int, float], torch.Tensor]
 UnitFeatures = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def kept_count(num_tokens: int, ratio: float) -> int:
-    """k = ceil((1 − r)·N): how many of N tokens survive pruning ratio r ∈ [0, 1)."""
-    # round() first: (1 - 0.9) * 100 is 10.000000000000002 in floating point
-    return math.ceil(round((1.0 - ratio) * num_tokens, 9))
+def kept_fraction(ratio: float) -> tuple[int, int]:
+    """1 − r as a fraction p / q (q ≤ 10⁹): 1 − 0.9 is 0.09999999999999998 in floating point, 1/10 here."""
+    fraction = Fraction(round(1.0 - ratio, 9)).limit_denominator(10**9)
+    return fraction.numerator, fraction.denominator
+
+
+def kept_count(num_tokens: IntLike, ratio: float) -> IntLike:
+    """k = ceil((1 − r)·N): how many of N tokens survive pruning ratio r ∈ [0, 1).
+
+    Integer arithmetic only, so that N may be a `torch.SymInt` (a modality token count that is a
+    dynamic dimension of the captured graph): k is then the symbolic ⌊(p·N + q − 1) / q⌋.
+    """
+    kept, whole = kept_fraction(ratio)
+    return (num_tokens * kept + whole - 1) // whole
 
 
 def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:

@@ -18,12 +18,15 @@ Emits:   `angel::prune_tokens(merged, mask [B, S], N, keep, method, lambda_, mer
 Needs:   a graph captured with a dynamic sequence dimension (torch.export `Dim`), so that S'
          is the symbolic expression S − N + keep and one graph serves every text length; a
          static capture has its length baked into view/arange arguments and is rejected.
-         The modality token count N per sample is static (one image size / audio length per
-         compiled graph) and the batch size too. Position ids are kept when they exist before
-         the merge (graph inputs, as transformers' VLMs take them); ids a model makes after the
-         merge from the length (arange(S)) become arange(S'). For Qwen2-VL the vision tower and
-         `get_rope_index` cannot be captured and run before the graph, which starts at the image
-         embeddings (tested on transformers' Qwen2-VL, `models/multimodal.py`).
+         N = numel(features) / (B·D) may be symbolic too (a dynamic image/audio dimension):
+         the graph then computes N and keep = ⌊(p·N + q − 1) / q⌋ (1 − ratio = p / q) from the
+         features' size, and one graph serves any image count and size; a budget that may
+         exceed N is checked when the graph runs. The batch size is static. Position ids are
+         kept when they exist before the merge (graph inputs, as transformers' VLMs take them);
+         ids a model makes after the merge from the length (arange(S)) become arange(S'). For
+         Qwen2-VL the vision tower and `get_rope_index` cannot be captured and run before the
+         graph, which starts at the image embeddings (tested on transformers' Qwen2-VL,
+         `models/multimodal.py`).
 
 Options: ratio ∈ [0, 1) (or budget ≥ 1 kept tokens, which wins), method (mmr, diversity,
 topk, stride, random; see ops/prune_tokens.py), lambda_ (MMR's importance weight, recipe key
@@ -47,7 +50,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from angel_compile import meta
 from angel_compile.errors import UnsupportedError
-from angel_compile.ops.prune_tokens import METHODS, kept_count
+from angel_compile.ops.prune_tokens import METHODS, IntLike, kept_count, kept_fraction
 from angel_compile.passes.base import Pass, PassContext, PassResult, PassStats, register_pass
 from angel_compile.passes.graph_utils import copy_source_meta, fake_mode_of, infer_val
 
@@ -115,11 +118,11 @@ class TokenPruning(Pass):
                 f"searched for {_SEARCHED} (concatenation and torch.where merges are not supported); seen: {seen}"
             )
         stats.matched = len(matches)
-        merge, token_mask, num_tokens = matches[-1]
+        merge, token_mask, features, num_tokens = matches[-1]
         for node, *_ in matches[:-1]:
             stats.skip(node, "an earlier merge: its tokens are kept as text (the last merge is pruned)")
         keep = self.budget or kept_count(num_tokens, self.ratio)
-        if keep > num_tokens:
+        if statically_known_true(keep > num_tokens):
             raise UnsupportedError(
                 f"{self.name}: budget={keep} exceeds the {num_tokens} {self.modality} tokens per sample merged at "
                 f"'{merge.name}'"
@@ -132,28 +135,30 @@ class TokenPruning(Pass):
                 "can follow the pruned length"
             )
         threshold = self.merge_threshold if self.modality == "audio" else 1.0
-        args = (num_tokens, keep, self.method, self.lambda_, threshold, self.seed)
-        _rewrite(gm, merge, token_mask, args, self.name)
+        options = (self.method, self.lambda_, threshold, self.seed)
+        _rewrite(gm, merge, token_mask, features, (num_tokens, keep, self.budget, self.ratio), options, self.name)
         stats.rewritten = 1
         stats.details = {
             "merge": merge.name,
-            "modality_tokens": num_tokens,
-            "kept": keep,
-            "sequence": f"{seq} - {num_tokens - keep}",
+            "modality_tokens": num_tokens if isinstance(num_tokens, int) else str(num_tokens),
+            "kept": keep if isinstance(keep, int) else str(keep),
+            "sequence": f"{seq} - {num_tokens - keep}" if isinstance(keep, int) else str(seq - num_tokens + keep),
             "method": self.method,
         }
+        if not isinstance(num_tokens, int) and self.budget:
+            stats.details["note"] = f"budget={keep} <= {num_tokens} is checked when the graph runs"
         return PassResult(gm, True, stats)
 
 
-def _match(node: fx.Node) -> tuple[fx.Node, fx.Node, int] | str:
-    """(merge, token-mask source, modality tokens per sample) for a supported merge, or why not."""
+def _match(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, int | torch.SymInt] | str:
+    """(merge, token-mask source, features, modality tokens per sample) for a supported merge, or why not."""
     embeds = node.args[0]
     val = node.meta.get(meta.VAL)
     if not isinstance(val, torch.Tensor) or val.dim() != 3 or not val.dtype.is_floating_point:
         return "not a floating-point [B, S, D] embedding sequence"
     batch, _, dim = val.shape
     if not isinstance(batch, int) or not isinstance(dim, int):
-        return "dynamic batch or hidden size (the pruned token count per sample must be static)"
+        return "dynamic batch or hidden size (only the sequence and the modality token count may be dynamic)"
     if node.target == aten.masked_scatter.default:
         mask, features = node.args[1], node.args[2]
         mask_val = mask.meta.get(meta.VAL)
@@ -170,42 +175,53 @@ def _match(node: fx.Node) -> tuple[fx.Node, fx.Node, int] | str:
     if not isinstance(embeds, fx.Node) or not isinstance(features, fx.Node):
         return "embeddings or features are not graph values"
     total = features.meta[meta.VAL].numel()
-    if not isinstance(total, int) or total % (batch * dim):
-        return f"the merged features ({features.meta[meta.VAL].shape}) are not a static number of tokens per sample"
-    return node, mask, total // (batch * dim)
+    if isinstance(total, int) and total % (batch * dim):
+        return f"the merged features ({features.meta[meta.VAL].shape}) are not a whole number of tokens per sample"
+    # A symbolic count (a dynamic image/audio dimension) that is not a whole number of tokens
+    # per sample fails the op's own check of the mask's counts when the graph runs.
+    return node, mask, features, total // (batch * dim)
 
 
-def _rewrite(gm: fx.GraphModule, merge: fx.Node, mask: fx.Node, args: tuple[Any, ...], pass_name: str) -> None:
+def _rewrite(
+    gm: fx.GraphModule,
+    merge: fx.Node,
+    mask: fx.Node,
+    features: fx.Node,
+    sizes: tuple[IntLike, IntLike, int, float],
+    options: tuple[Any, ...],
+    pass_name: str,
+) -> None:
+    """Insert the op after the merge and make everything downstream follow the pruned sequence.
+
+    sizes: (modality tokens per sample, kept tokens, budget, ratio); the first two may be symbolic.
+    """
     graph = gm.graph
     fake_mode = fake_mode_of(gm)
-    seq = merge.meta[meta.VAL].shape[1]
+    merge_val = merge.meta[meta.VAL]
+    batch, seq, dim = merge_val.shape
     # Values of the full-length world: what the merge is computed from, and checks (nodes the
     # output does not depend on, e.g. transformers' image-token count check on the input ids).
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     live = _ancestors(output)
     upstream = _ancestors(merge) | {n for n in graph.nodes if n not in live}
     layer = "token_pruning"
-    with graph.inserting_after(merge):
+    with graph.inserting_before(merge.next):  # inserting_before keeps the nodes in creation order
+        created, num_tokens, keep = _count_args(graph, features, batch * dim, *sizes)
         token_mask = mask
         if mask.meta[meta.VAL].dim() == 3:
             token_mask = graph.call_function(aten.select.int, (mask, 2, 0))
-            infer_val(token_mask, fake_mode)
-    with graph.inserting_after(token_mask if token_mask is not mask else merge):
-        prune = graph.call_function(PRUNE_TOKENS, (merge, token_mask, *args))
-        infer_val(prune, fake_mode)
-    with graph.inserting_after(prune):
+            created.append(token_mask)
+        prune = graph.call_function(PRUNE_TOKENS, (merge, token_mask, num_tokens, keep, *options))
         pruned = graph.call_function(operator.getitem, (prune, 0))
-    with graph.inserting_after(pruned):
         positions = graph.call_function(operator.getitem, (prune, 1))
-    with graph.inserting_after(positions):
         length = graph.call_function(aten.sym_size.int, (pruned, 1))
-    new_nodes = {token_mask, prune, pruned, positions, length}
-    for node in (prune, pruned, positions, length):
+    created += [prune, pruned, positions, length]
+    for node in created:
         infer_val(node, fake_mode)
         copy_source_meta(node, merge, pass_name, layer)
-    batch = merge.meta[meta.VAL].shape[0]
+    new_nodes = set(created)
     with graph.inserting_after(length):
-        batch_index = graph.call_function(aten.arange.default, (batch,), {"device": merge.meta[meta.VAL].device})
+        batch_index = graph.call_function(aten.arange.default, (batch,), {"device": merge_val.device})
     with graph.inserting_after(batch_index):
         batch_index_2d = graph.call_function(aten.unsqueeze.default, (batch_index, 1))
     new_nodes |= {batch_index, batch_index_2d}
@@ -237,6 +253,29 @@ def _rewrite(gm: fx.GraphModule, merge: fx.Node, mask: fx.Node, args: tuple[Any,
     gm.recompile()
 
 
+def _count_args(
+    graph: fx.Graph, features: fx.Node, per_sample: int, num_tokens: IntLike, keep: IntLike, budget: int, ratio: float
+) -> tuple[list[fx.Node], Any, Any]:
+    """([new nodes], num_tokens, keep) as the op's arguments: ints, or nodes computing them when N is symbolic.
+
+    With a dynamic image/audio dimension N = numel(features) / (B·D) is an expression of the
+    graph's symbols; keep = ⌊(p·N + q − 1) / q⌋ (`kept_count` with 1 − r = p / q), or the budget.
+    """
+    if isinstance(num_tokens, int):
+        return [], num_tokens, keep
+    numel = graph.call_function(aten.sym_numel.default, (features,))
+    count = graph.call_function(operator.floordiv, (numel, per_sample))
+    nodes = [numel, count]
+    kept, whole = kept_fraction(ratio)
+    if budget or kept == whole:
+        return nodes, count, budget or count
+    if kept != 1:
+        nodes.append(graph.call_function(operator.mul, (count, kept)))
+    nodes.append(graph.call_function(operator.add, (nodes[-1], whole - 1)))
+    nodes.append(graph.call_function(operator.floordiv, (nodes[-1], whole)))
+    return nodes, count, nodes[-1]
+
+
 def _shortened(
     graph: fx.Graph,
     source: fx.Node,
@@ -252,7 +291,7 @@ def _shortened(
     if isinstance(val, torch.SymInt):
         if statically_known_true(val == seq):
             return length
-        if any(str(s) in str(val) for s in seq.node.expr.free_symbols):
+        if val.node.expr.free_symbols & seq.node.expr.free_symbols:
             raise UnsupportedError(
                 f"token_pruning: '{source.name}' ({val}) is derived from the sequence length and used after the "
                 "merge; only the length itself can be re-expressed"

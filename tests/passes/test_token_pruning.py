@@ -1,6 +1,8 @@
 """The token_pruning pass: on a tiny merge model (fast), end to end on the LLaVA / Whisper+LM test models, and on
 Qwen2-VL's language model with its [3, B, S] mRoPE position ids."""
 
+import re
+
 import pytest
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -75,6 +77,37 @@ def test_ratio_zero_is_bit_exact_and_onnx_matches(tiny, tmp_path):
     assert torch.allclose(torch.from_numpy(out), expected, atol=1e-5)
 
 
+def test_one_graph_serves_any_modality_token_count(tiny, tmp_path):
+    """A dynamic features dimension: N and keep = ceil((1 - r)·N) are symbolic, in PyTorch and in ONNX."""
+    inputs = tiny_inputs(batch=2)
+    dynamic = tiny_dynamic_shapes(dynamic_tokens=True)
+    compiled = angel_compile.compile(tiny, (), inputs, recipe=_recipe(ratio=0.9), dynamic_shapes=dynamic)
+    details = compiled.report["token_pruning"].stats.details
+    symbol = re.fullmatch(r"\((s\d+)//2\)", details["modality_tokens"]).group(1)  # N = B·N / 2
+    assert details["kept"] == f"(((({symbol}//2)) + 9)//10)"
+    session = ort_session(compiled.export_onnx(tmp_path / "dynamic.onnx"))
+    for tokens, before, after in ((20, 3, 4), (12, 5, 1), (36, 2, 7)):
+        other = tiny_inputs(batch=2, before=before, tokens=tokens, after=after, seed=tokens)
+        keep = -(-tokens // 10)
+        with torch.no_grad():
+            out = compiled(**other)
+            expected = _reference(tiny, other, keep, tokens=tokens)
+        assert out.shape == (2, before + keep + after, 16)
+        assert torch.equal(out, expected)
+        (onnx_out,) = session.run(None, {k: v.numpy() for k, v in other.items()})
+        assert torch.allclose(torch.from_numpy(onnx_out), expected, atol=1e-5)
+    # a budget is checked against the symbolic count when it can be, else when the graph runs
+    gm = capture_model(tiny, (), inputs, dynamic)
+    with pytest.raises(UnsupportedError, match=r"budget=61 exceeds the \(s\d+//2\) vision tokens"):
+        TokenPruning(budget=61)(gm, PassContext())
+    result = TokenPruning(budget=8)(gm, PassContext())
+    assert result.stats.details["kept"] == 8 and "checked when the graph runs" in result.stats.details["note"]
+    with torch.no_grad():
+        assert gm(**tiny_inputs(batch=2, tokens=12)).shape == (2, 3 + 8 + 4, 16)
+        with pytest.raises(ValueError, match=r"keep=8 must be in \[1, 4\]"):
+            gm(**tiny_inputs(batch=2, tokens=4))
+
+
 def test_bad_options_and_models_are_rejected(tiny):
     with pytest.raises(RecipeError, match=r"ratio=1.0 must be in \[0, 1\)"):
         build_pass("token_pruning", {"ratio": 1.0})
@@ -132,8 +165,9 @@ def _qwen2vl_reference(model, inputs, keep, method):
     """
     ids = inputs["input_ids"]
     mask = ids == IMAGE_TOKEN
+    tokens = int(mask[0].sum())
     embeds = model.language_model.embed_tokens(ids).masked_scatter(mask.unsqueeze(-1), inputs["image_embeds"])
-    pruned, kept = torch.ops.angel.prune_tokens(embeds, mask, 16, keep, method, 0.5, 1.0, 0)
+    pruned, kept = torch.ops.angel.prune_tokens(embeds, mask, tokens, keep, method, 0.5, 1.0, 0)
     position_ids = inputs["position_ids"].gather(2, kept.expand(3, -1, -1))  # [3, B, S']
     attention_mask = inputs["attention_mask"].gather(1, kept)
     logits = model.language_forward(pruned, position_ids, attention_mask)
@@ -200,4 +234,35 @@ def test_qwen2vl_one_graph_serves_other_text_lengths_and_a_batch():
             out = compiled(**inputs)
             expected, _, _ = _qwen2vl_reference(case.model, inputs, 4, "mmr")
         assert out.shape == expected.shape == (2, before + after + 2 + 4, 256)
+        assert torch.allclose(out, expected, atol=1e-5)
+
+
+def _qwen2vl_images_inputs(model, sizes, before=4, between=3, after=5):
+    """Inputs for one prompt holding one image of each size (text, <vision start, pads, end>..., text)."""
+    pixel_values, grid_thw = zip(*(qwen2vl_pixel_values(synthetic_image(size), patch=4) for size in sizes), strict=True)
+    parts = []
+    for index, size in enumerate(sizes):
+        text = qwen2vl_prompt(0, before if index == 0 else between, 0, seed=index)[:, :-2]  # text only
+        image = qwen2vl_prompt((size // 8) ** 2, 0, 0, seed=index)  # start, pads, end
+        parts += [text, image]
+    parts.append(qwen2vl_prompt(0, after, 0, seed=9)[:, :-2])
+    return model.prepare_inputs(torch.cat(parts, dim=1), torch.cat(pixel_values), torch.cat(grid_thw))
+
+
+def test_qwen2vl_one_graph_serves_any_image_count_and_size(qwen2vl):
+    dynamic = dict(qwen2vl.dynamic_shapes, image_embeds={0: torch.export.Dim("image_tokens", min=1, max=1024)})
+    recipe = _recipe(ratio=0.75, method="mmr")
+    compiled = angel_compile.compile(qwen2vl.model, (), qwen2vl.inputs, recipe=recipe, dynamic_shapes=dynamic)
+    details = compiled.report["token_pruning"].stats.details
+    symbol = details["modality_tokens"]
+    assert re.fullmatch(r"s\d+", symbol) and details["kept"] == f"(({symbol} + 3)//4)"  # ceil(N / 4)
+    for sizes in ((32,), (48,), (32, 32), (48, 32, 64)):  # 16, 36, 32 and 116 image tokens
+        inputs = _qwen2vl_images_inputs(qwen2vl.model, sizes)
+        tokens = sum((size // 8) ** 2 for size in sizes)
+        assert inputs["image_embeds"].shape[0] == tokens
+        keep = -(-tokens // 4)
+        with torch.no_grad():
+            out = compiled(**inputs)
+            expected, _, _ = _qwen2vl_reference(qwen2vl.model, inputs, keep, "mmr")
+        assert out.shape == expected.shape == (1, inputs["input_ids"].shape[1] - tokens + keep, 256)
         assert torch.allclose(out, expected, atol=1e-5)

@@ -54,6 +54,10 @@ def tiny_inputs(batch: int = 1, before: int = 3, tokens: int = 20, after: int = 
     return {"input_ids": ids, "features": features, "position_ids": positions}
 
 
-def tiny_dynamic_shapes(tokens: int = 20) -> dict:
+def tiny_dynamic_shapes(tokens: int = 20, dynamic_tokens: bool = False) -> dict:
+    """A dynamic sequence; with dynamic_tokens also a dynamic modality token count (features [B·N, 12])."""
+    if dynamic_tokens:
+        seq, features = torch.export.Dim("seq", min=4, max=60), torch.export.Dim("features", min=2, max=120)
+        return {"input_ids": {1: seq}, "features": {0: features}, "position_ids": {1: seq}}
     seq = torch.export.Dim("seq", min=tokens + 2, max=60)
     return {"input_ids": {1: seq}, "features": None, "position_ids": {1: seq}}
