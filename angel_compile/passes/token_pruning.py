@@ -3,8 +3,11 @@
 Matches: the merge of projected image/audio features into the text embeddings, before the
          first decoder layer: `aten.masked_scatter(embeds [B, S, D], mask [B, S, 1|D], features)`
          or `aten.index_put(embeds, [mask bool [B, S]], features)` (transformers' LLaVA,
-         Qwen2-VL, Qwen2-Audio, ...). With several merges (image then video) the last one is
-         pruned and the earlier modality's tokens count as text.
+         Qwen2-VL, Qwen2-Audio, ...), or `aten.cat([..., features [B, N, D], ...], dim=1)` of
+         token-embedding pieces (`aten.embedding` outputs, through views, casts and scaling) and
+         exactly one other piece, the features (BLIP-2-style prefixes); its mask is built in the
+         graph. With several merges (image then video) the last one is pruned and the earlier
+         modality's tokens count as text.
 Emits:   `angel::prune_tokens(merged, mask [B, S], N, keep, method, lambda_, merge_threshold,
          seed)` right after the merge (N modality tokens per sample, keep = ceil((1 − ratio)·N)
          or `budget`), whose pruned embeddings replace the merge for everything downstream.
@@ -56,7 +59,20 @@ from angel_compile.passes.graph_utils import copy_source_meta, fake_mode_of, inf
 
 aten = torch.ops.aten
 PRUNE_TOKENS = torch.ops.angel.prune_tokens.default
-MERGES = (aten.masked_scatter.default, aten.index_put.default)
+MERGES = (aten.masked_scatter.default, aten.index_put.default, aten.cat.default)
+# Ops a token-embedding piece of a concatenation may pass through after `aten.embedding` (first argument).
+_EMBEDDING_PASS_THROUGH = (
+    aten.slice.Tensor,
+    aten.view.default,
+    aten.reshape.default,
+    aten.unsqueeze.default,
+    aten.expand.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten._to_copy.default,
+    aten.to.dtype,
+    aten.mul.Tensor,
+)
 MODALITIES = ("vision", "audio")
 # Nodes that only check metadata: they may stay on the full-length tensors.
 _ASSERTS = (
@@ -65,8 +81,9 @@ _ASSERTS = (
     aten.sym_constrain_range_for_size.default,
 )
 _SEARCHED = (
-    "aten.masked_scatter(embeds [B, S, D], mask [B, S, 1 or D], features) or "
-    "aten.index_put(embeds [B, S, D], [bool mask [B, S]], features)"
+    "aten.masked_scatter(embeds [B, S, D], mask [B, S, 1 or D], features), "
+    "aten.index_put(embeds [B, S, D], [bool mask [B, S]], features) or "
+    "aten.cat([token embeddings..., features [B, N, D], token embeddings...], dim=1)"
 )
 
 
@@ -103,7 +120,7 @@ class TokenPruning(Pass):
         if any(n.op == "call_function" and n.target == PRUNE_TOKENS for n in gm.graph.nodes):
             stats.details = {"note": "the graph already prunes tokens"}
             return PassResult(gm, False, stats)
-        merges = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in MERGES]
+        merges = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in MERGES and _may_merge(n)]
         matches = []
         for node in merges:
             match = _match(node)
@@ -115,7 +132,7 @@ class TokenPruning(Pass):
             seen = "; ".join(f"{node}: {why}" for node, why in stats.skipped.items()) or "no such node"
             raise UnsupportedError(
                 f"{self.name}: found no point where {self.modality} features are merged into the text embeddings; "
-                f"searched for {_SEARCHED} (concatenation and torch.where merges are not supported); seen: {seen}"
+                f"searched for {_SEARCHED} (torch.where merges are not supported); seen: {seen}"
             )
         stats.matched = len(matches)
         merge, token_mask, features, num_tokens = matches[-1]
@@ -150,16 +167,45 @@ class TokenPruning(Pass):
         return PassResult(gm, True, stats)
 
 
-def _match(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, int | torch.SymInt] | str:
-    """(merge, token-mask source, features, modality tokens per sample) for a supported merge, or why not."""
-    embeds = node.args[0]
+def _may_merge(node: fx.Node) -> bool:
+    """Concatenations other than along the sequence of [B, S, D] values (rotary halves, caches) are no merges."""
+    if node.target != aten.cat.default:
+        return True
+    val = node.meta.get(meta.VAL)
+    axis = node.args[1] if len(node.args) > 1 else 0
+    return isinstance(val, torch.Tensor) and val.dim() == 3 and axis in (1, -2)
+
+
+def _is_token_embedding(piece: Any) -> bool:
+    """Whether a piece of a concatenation is a lookup of token embeddings (through views, casts, scaling)."""
+    while isinstance(piece, fx.Node) and piece.op == "call_function":
+        if piece.target == aten.embedding.default:
+            return True
+        if piece.target not in _EMBEDDING_PASS_THROUGH:
+            return False
+        piece = piece.args[0]
+    return False
+
+
+def _match(node: fx.Node) -> tuple[fx.Node, fx.Node | None, fx.Node, int | torch.SymInt] | str:
+    """(merge, token-mask source (None: a concatenation), features, modality tokens per sample), or why not."""
     val = node.meta.get(meta.VAL)
     if not isinstance(val, torch.Tensor) or val.dim() != 3 or not val.dtype.is_floating_point:
         return "not a floating-point [B, S, D] embedding sequence"
     batch, _, dim = val.shape
     if not isinstance(batch, int) or not isinstance(dim, int):
         return "dynamic batch or hidden size (only the sequence and the modality token count may be dynamic)"
-    if node.target == aten.masked_scatter.default:
+    if node.target == aten.cat.default:
+        pieces = node.args[0]
+        features = [p for p in pieces if not _is_token_embedding(p)]
+        if len(features) != 1:
+            return f"a concatenation of {len(features)} pieces that are not token embeddings (the features: one)"
+        mask, features = None, features[0]
+        if not isinstance(features, fx.Node) or features.meta[meta.VAL].dim() != 3:
+            return "the concatenated features are not a [B, N, D] graph value"
+    elif not isinstance(node.args[0], fx.Node) or not isinstance(node.args[2], fx.Node):
+        return "embeddings or features are not graph values"
+    elif node.target == aten.masked_scatter.default:
         mask, features = node.args[1], node.args[2]
         mask_val = mask.meta.get(meta.VAL)
         if mask_val is None or mask_val.dim() != 3 or mask_val.dtype != torch.bool:
@@ -172,8 +218,6 @@ def _match(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, int | torch.SymInt
         mask_val = mask.meta.get(meta.VAL)
         if mask_val is None or mask_val.dim() != 2 or mask_val.dtype != torch.bool:
             return "index_put index is not a bool [B, S] mask"
-    if not isinstance(embeds, fx.Node) or not isinstance(features, fx.Node):
-        return "embeddings or features are not graph values"
     total = features.meta[meta.VAL].numel()
     if isinstance(total, int) and total % (batch * dim):
         return f"the merged features ({features.meta[meta.VAL].shape}) are not a whole number of tokens per sample"
@@ -185,7 +229,7 @@ def _match(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, int | torch.SymInt
 def _rewrite(
     gm: fx.GraphModule,
     merge: fx.Node,
-    mask: fx.Node,
+    mask: fx.Node | None,
     features: fx.Node,
     sizes: tuple[IntLike, IntLike, int, float],
     options: tuple[Any, ...],
@@ -207,10 +251,14 @@ def _rewrite(
     layer = "token_pruning"
     with graph.inserting_before(merge.next):  # inserting_before keeps the nodes in creation order
         created, num_tokens, keep = _count_args(graph, features, batch * dim, *sizes)
-        token_mask = mask
-        if mask.meta[meta.VAL].dim() == 3:
+        if mask is None:  # a concatenation: True over the features' span
+            created += _concat_mask(graph, merge, features)
+            token_mask = created[-1]
+        elif mask.meta[meta.VAL].dim() == 3:
             token_mask = graph.call_function(aten.select.int, (mask, 2, 0))
             created.append(token_mask)
+        else:
+            token_mask = mask
         prune = graph.call_function(PRUNE_TOKENS, (merge, token_mask, num_tokens, keep, *options))
         pruned = graph.call_function(operator.getitem, (prune, 0))
         positions = graph.call_function(operator.getitem, (prune, 1))
@@ -229,8 +277,10 @@ def _rewrite(
         infer_val(node, fake_mode)
     anchor = batch_index_2d
     # Every value computed before the merge that the rest of the graph uses is re-expressed at
-    # the pruned length: the merge itself, tensors with a sequence dimension, the length itself.
+    # the pruned length: the merge itself, tensors with a sequence dimension, the length itself
+    # (also where it is computed outside the merge's inputs, e.g. text + features of a concatenation).
     frontier = [n for n in graph.nodes if n in upstream or n.op in ("placeholder", "get_attr")]
+    frontier += [n for n in graph.nodes if n not in upstream and _is_length(n, seq) and merge not in _ancestors(n)]
     for source in frontier:
         users = [u for u in source.users if u not in upstream and u not in new_nodes and not _is_check(u, upstream)]
         if not users:
@@ -251,6 +301,16 @@ def _rewrite(
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
+
+
+def _concat_mask(graph: fx.Graph, merge: fx.Node, features: fx.Node) -> list[fx.Node]:
+    """Nodes building the bool [B, S] mask of a concatenation's features span; the last one is the mask."""
+    nodes, pieces = [], []
+    for piece in merge.args[0]:
+        first = graph.call_function(aten.select.int, (piece, 2, 0))  # [B, s_i]
+        pieces.append(graph.call_function(aten.full_like.default, (first, piece is features), {"dtype": torch.bool}))
+        nodes += [first, pieces[-1]]
+    return [*nodes, graph.call_function(aten.cat.default, (pieces, 1))]
 
 
 def _count_args(
@@ -316,6 +376,11 @@ def _shortened(
     infer_val(gathered, fake_mode)
     gathered.meta[meta.PROVENANCE] = {"pass": "token_pruning", "replaces": [source.name], "layer": None}
     return gathered
+
+
+def _is_length(node: fx.Node, seq: torch.SymInt) -> bool:
+    val = node.meta.get(meta.VAL)
+    return node.op == "call_function" and isinstance(val, torch.SymInt) and statically_known_true(val == seq)
 
 
 def _is_check(node: fx.Node, upstream: set[fx.Node]) -> bool:

@@ -22,7 +22,15 @@ from angel_compile.models.multimodal import (
 )
 from angel_compile.passes.base import PassContext, build_pass
 from angel_compile.passes.token_pruning import PRUNE_TOKENS, TokenPruning
-from tests.passes.token_pruning_models import TOKEN, TinyMergeModel, tiny_dynamic_shapes, tiny_inputs
+from tests.passes.token_pruning_models import (
+    TOKEN,
+    TinyMergeModel,
+    TinyPrefixModel,
+    prefix_dynamic_shapes,
+    prefix_inputs,
+    tiny_dynamic_shapes,
+    tiny_inputs,
+)
 
 
 def _recipe(**options):
@@ -106,6 +114,27 @@ def test_one_graph_serves_any_modality_token_count(tiny, tmp_path):
         assert gm(**tiny_inputs(batch=2, tokens=12)).shape == (2, 3 + 8 + 4, 16)
         with pytest.raises(ValueError, match=r"keep=8 must be in \[1, 4\]"):
             gm(**tiny_inputs(batch=2, tokens=4))
+
+
+def test_a_concatenated_prefix_of_features_is_pruned():
+    """cat([features, token embeddings], dim=1): the mask is the features' span; text and token count dynamic."""
+    torch.manual_seed(0)
+    model = TinyPrefixModel().eval()
+    inputs = prefix_inputs(batch=2)
+    gm = capture_model(model, (), inputs, prefix_dynamic_shapes())
+    result = TokenPruning(ratio=0.75)(gm, PassContext())
+    assert result.stats.rewritten == 1 and result.stats.details["merge"] == "cat"
+    for tokens, text in ((20, 7), (8, 3), (28, 12)):
+        other = prefix_inputs(batch=2, tokens=tokens, text=text, seed=tokens)
+        keep = -(-tokens // 4)
+        with torch.no_grad():
+            merged = model.merged(other["input_ids"], other["features"])
+            mask = torch.arange(tokens + text).expand(2, -1) < tokens
+            pruned, _ = torch.ops.angel.prune_tokens(merged, mask, tokens, keep, "mmr", 0.5, 1.0, 0)
+            expected = model.language(pruned, torch.arange(keep + text).expand(2, -1))
+            out = gm(**other)
+        assert out.shape == (2, keep + text, 16)
+        assert torch.equal(out, expected)
 
 
 def test_bad_options_and_models_are_rejected(tiny):

@@ -61,3 +61,34 @@ def tiny_dynamic_shapes(tokens: int = 20, dynamic_tokens: bool = False) -> dict:
         return {"input_ids": {1: seq}, "features": {0: features}, "position_ids": {1: seq}}
     seq = torch.export.Dim("seq", min=tokens + 2, max=60)
     return {"input_ids": {1: seq}, "features": None, "position_ids": {1: seq}}
+
+
+class TinyPrefixModel(TinyMergeModel):
+    """BLIP-2-style: the projected features [B, N, D] are concatenated before the text embeddings.
+
+    Position ids are made from the merged length (arange), as models without position inputs do.
+    """
+
+    def forward(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        embeds = self.merged(input_ids, features)
+        batch, seq, _ = embeds.shape
+        return self.language(embeds, torch.arange(seq).expand(batch, seq))
+
+    def merged(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.project(features), self.embed(input_ids)], dim=1)
+
+
+def prefix_inputs(batch: int = 1, tokens: int = 20, text: int = 7, seed: int = 0) -> dict:
+    """Text ids [B, text] and features [B, tokens, 12] with runs of near-duplicates."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(batch, tokens // 4, 12, generator=generator).repeat_interleave(4, dim=1)
+    features = base + 0.05 * torch.randn(batch, tokens, 12, generator=generator)
+    return {"input_ids": torch.randint(0, 8, (batch, text), generator=generator), "features": features}
+
+
+def prefix_dynamic_shapes() -> dict:
+    """Dynamic text length and token count."""
+    return {
+        "input_ids": {1: torch.export.Dim("text", min=2, max=30)},
+        "features": {1: torch.export.Dim("tokens", min=2, max=30)},
+    }
