@@ -1,6 +1,7 @@
 """Prefill with pruned visual tokens on a GPU: a Qwen2-VL-7B-shaped language model, 4 layers, bf16.
 
-Random weights (hidden 3584, MLP 18944, 28 query / 4 KV heads, SDPA), batch 1, a prompt of
+Random weights (hidden 3584, MLP 18944, 28 query / 4 KV heads, SDPA; `--layers 28` for the full
+depth, whose prefill the selection is a smaller share of), batch 1, a prompt of
 128 text tokens around 2,048 or 8,192 visual tokens. For each pruning ratio (0 / 75 / 90%):
   - prefill: the language model's forward on the (pruned) embeddings, median ms;
   - selection: `angel::prune_tokens` with MMR (λ = 0.5) on the merged embeddings — the lazy
@@ -38,11 +39,11 @@ RATIOS = (0.0, 0.75, 0.9)
 SELECTION_ALONE = (2048, 8192, 16384)
 
 
-def _language_model() -> torch.nn.Module:
+def _language_model(layers: int) -> torch.nn.Module:
     config = transformers.Qwen2Config(
         hidden_size=DIM,
         intermediate_size=18944,
-        num_hidden_layers=4,
+        num_hidden_layers=layers,
         num_attention_heads=28,
         num_key_value_heads=4,
         vocab_size=1024,  # the embedding table is not used: the model gets inputs_embeds
@@ -51,7 +52,8 @@ def _language_model() -> torch.nn.Module:
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    return transformers.Qwen2Model(config).to("cuda", torch.bfloat16).eval()
+    with torch.device("cuda"):  # initialised on the GPU: 28 layers in fp32 take minutes on the CPU
+        return transformers.Qwen2Model(config).to(torch.bfloat16).eval()
 
 
 def _bench(fn) -> float:
@@ -150,15 +152,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--visual", type=int, nargs="+", default=[2048])
     parser.add_argument("--candidates", type=int, nargs="+", default=[128, 256], help="CANDIDATES, selection alone")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers of the language model")
     args = parser.parse_args()
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"# Qwen2-VL-7B-shaped LM, 4 layers, bf16, {TEXT_TOKENS} text tokens; MMR λ=0.5; prefill: median ms")
+    print(f"# Qwen2-VL-7B-shaped LM, {args.layers} layers, bf16, {TEXT_TOKENS} text tokens; MMR λ=0.5")
+    print("# prefill: median ms")
     print(
         "| visual | pruned | seq | prefill ms | selection ms (Triton) | rounds | selection / prefill "
         "| speedup vs 0% (incl. selection) | selection ms (PyTorch greedy) |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    model = _language_model()
+    model = _language_model(args.layers)
     for visual in args.visual:
         bench_visual(model, visual)
         torch.cuda.empty_cache()

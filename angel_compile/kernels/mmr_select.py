@@ -6,9 +6,9 @@ Design. State per batch row: max_sim [N] (fp32, the max of 0 and the similaritie
 picks so far), a picked flag and a key [N] (int64) that orders the tokens as the reference's
 argmax does: score s = λ·imp − (1 − λ)·max_sim, higher first, then the lower index. The first
 pick is argmax imp. Then every round
-  1. takes the C best open tokens by key, in no order (`torch.topk(sorted=False)`): the lowest
-     of them is the threshold T, the best token outside the candidates, and the other C − 1
-     are the candidates;
+  1. takes the C best open tokens by key, in no order (`_top_keys_kernel`, one program per
+     row): the lowest of them is the threshold T, the best token outside the candidates, and
+     the other C − 1 are the candidates;
   2. computes the similarities of all N tokens to those C tokens, sims [N, C], in one
      batched GEMM (tensor cores for fp16/bf16 with fp32 accumulation and output: the products
      are exact, as in the reference's fp32 einsum; fp32 stays fp32, TF32 only where torch's
@@ -57,6 +57,7 @@ import triton.language as tl
 MAX_TOKENS = 16384  # a token index fits the 16-bit field of the key
 CLOSED: tl.constexpr = tl.constexpr(-(2**63))  # the key of picked tokens, below every open key
 OPEN_MAX: tl.constexpr = tl.constexpr(2**63 - 1)  # above every key
+SIGN32: tl.constexpr = tl.constexpr(-(2**31))  # flips int32 order into uint32 order
 
 
 @triton.jit
@@ -72,6 +73,44 @@ def _score_key(score):
 def _order_key(score, token, N):
     """int64 key: fp32 score in the high 32 bits (order-preserving), then N − 1 − token (lower index wins)."""
     return _score_key(score) | ((N - 1 - token).to(tl.int64) << 16)
+
+
+@triton.jit
+def _top_keys_kernel(
+    keys_ptr,  # [B, N] int64: unique open keys; picked tokens all hold CLOSED
+    top_ptr,  # [B, C] int64 out: the C largest keys, in no order
+    tokens_ptr,  # [B, C] int64 out: their tokens
+    N,
+    C,
+    stride_kb,
+    stride_tb,
+    stride_cb,
+    BLOCK_N: tl.constexpr,
+):
+    # One program per batch row, all N keys in registers (N <= MAX_TOKENS). A key is its score's
+    # 32 order-preserving bits over the token's index field, so the C largest keys are: every
+    # key whose score bits exceed t, the C-th largest score bits, then the tokens whose score
+    # bits equal t in index order (the lower index, the larger key; also the CLOSED keys once
+    # fewer than C tokens are open). t is built bit by bit from the top: a bit stays set while
+    # at least C score bits (flipped at the sign bit, compared unsigned) are >= the prefix. A
+    # cumulative sum gives each taken key its slot. One launch of 32 block-wide counts; it
+    # replaced `torch.topk` on the int64 keys, which was slower (benchmarks/RESULTS.md).
+    b = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_N)
+    valid = offs < N
+    keys = tl.load(keys_ptr + b * stride_kb + offs, mask=valid, other=CLOSED)
+    unsigned = ((keys >> 32).to(tl.int32) ^ SIGN32).to(tl.uint32, bitcast=True)
+    threshold = tl.zeros((), dtype=tl.uint32)
+    for bit in range(31, -1, -1):
+        trial = threshold | (tl.full((), 1, tl.uint32) << bit)
+        enough = tl.sum((valid & (unsigned >= trial)).to(tl.int32), axis=0) >= C
+        threshold = tl.where(enough, trial, threshold)
+    above = valid & (unsigned > threshold)
+    tied = valid & (unsigned == threshold)
+    taken = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= C - tl.sum(above.to(tl.int32), axis=0)))
+    slot = tl.cumsum(taken.to(tl.int32), axis=0) - 1
+    tl.store(top_ptr + b * stride_tb + slot, keys, mask=taken)
+    tl.store(tokens_ptr + b * stride_cb + slot, offs.to(tl.int64), mask=taken)
 
 
 @triton.jit
@@ -260,7 +299,7 @@ def _similarities(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x, chosen.mT, out_dtype=torch.float32)
 
 
-DEFAULT_CONFIG = {"CANDIDATES": 256, "BLOCK_N": 32, "num_warps": 4, "greedy_warps": 1}
+DEFAULT_CONFIG = {"CANDIDATES": 256, "BLOCK_N": 32, "num_warps": 4, "greedy_warps": 1, "top_warps": 8}
 
 
 class LazyGreedy:
@@ -279,6 +318,8 @@ class LazyGreedy:
         self.picked = torch.empty(batch, count, dtype=torch.int8, device=device)
         self.max_sim = torch.empty(batch, count, dtype=torch.float32, device=device)
         self.keys = torch.empty(batch, count, dtype=torch.int64, device=device)
+        self.top = torch.empty(batch, self.cands, dtype=torch.int64, device=device)  # the C best keys, no order
+        self.tokens = torch.empty(batch, self.cands, dtype=torch.int64, device=device)  # their tokens
         self.accepted = torch.empty(batch, self.cands, dtype=torch.int8, device=device)
         self.cand_sims = torch.empty(batch, self.cands, self.cands, dtype=torch.float32, device=device)
         self.done = torch.empty(batch, dtype=torch.int32, device=device)
@@ -307,16 +348,19 @@ class LazyGreedy:
     def round(self) -> None:
         batch, count = self.keys.shape
         block_r = 16
-        top = self.keys.topk(self.cands, dim=1, sorted=False)  # [B, C]: the C best keys, in no order
-        sims = _similarities(self.x, top.indices)  # [B, N, C]
+        _top_keys_kernel[(batch,)](
+            self.keys, self.top, self.tokens, count, self.cands, self.keys.stride(0), self.top.stride(0),
+            self.tokens.stride(0), BLOCK_N=triton.next_power_of_2(count), num_warps=self.config["top_warps"],
+        )  # fmt: skip
+        sims = _similarities(self.x, self.tokens)  # [B, N, C]
         _candidate_sims_kernel[(batch, triton.cdiv(self.cands, block_r))](
-            sims, top.indices, self.cand_sims, self.cands, sims.stride(0), sims.stride(1), top.indices.stride(0),
+            sims, self.tokens, self.cand_sims, self.cands, sims.stride(0), sims.stride(1), self.tokens.stride(0),
             self.cand_sims.stride(0), self.cand_sims.stride(1), BLOCK_R=block_r, BLOCK_C=self.block_c, num_warps=4,
         )  # fmt: skip
         _candidate_greedy_kernel[(batch,)](
-            self.cand_sims, top.values, top.indices, self.imp, self.max_sim, self.picked, self.accepted, self.out,
+            self.cand_sims, self.top, self.tokens, self.imp, self.max_sim, self.picked, self.accepted, self.out,
             self.done, count, self.cands, self.keep, self.lam, self.rest,
-            self.cand_sims.stride(0), self.cand_sims.stride(1), top.values.stride(0), top.indices.stride(0),
+            self.cand_sims.stride(0), self.cand_sims.stride(1), self.top.stride(0), self.tokens.stride(0),
             self.imp.stride(0), self.max_sim.stride(0), self.picked.stride(0), self.accepted.stride(0),
             self.out.stride(0),
             HAS_THRESHOLD=count > self.cands, BLOCK_C=self.block_c, num_warps=self.config["greedy_warps"],
@@ -402,7 +446,8 @@ def mmr_select_triton(
     """Greedy MMR over unit-norm features [B, N, D] (fp32/fp16/bf16) -> picks [B, keep] int64, in pick order.
 
     config: CANDIDATES (C >= 2, the best open tokens a round looks at), BLOCK_N (tokens per update
-    tile), num_warps (update kernel), greedy_warps (candidate kernel), cuda_graph (default True:
-    on a GPU, replay each round as a CUDA graph cached per shape, `GRAPH_CACHE_SIZE` shapes).
+    tile), num_warps (update kernel), greedy_warps (candidate kernel), top_warps (top-C kernel),
+    cuda_graph (default True: on a GPU, replay each round as a CUDA graph cached per shape,
+    `GRAPH_CACHE_SIZE` shapes).
     """
     return mmr_select_rounds(features, importance, keep, lambda_, config)[0]

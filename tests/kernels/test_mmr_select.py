@@ -5,6 +5,7 @@ float tie of two MMR scores at the first difference: `assert_same_or_float_tie`)
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from angel_compile.kernels.mmr_select import mmr_select_rounds, mmr_select_triton, unit_features_triton
 from angel_compile.ops.prune_tokens import mmr_select_reference, prune_tokens_forward, unit_features_reference
@@ -66,8 +67,27 @@ def test_limits_are_checked():
         mmr_select_triton(torch.randn(1, 16385, 1), torch.randn(1, 16385), 4, 0.5)
 
 
+@pytest.mark.parametrize("count, cands, closed", [(37, 8, 0), (300, 64, 100), (300, 64, 280), (128, 128, 3)])
+def test_top_keys_kernel_takes_the_largest_keys(count, cands, closed):
+    """The C largest keys of each row in no order, with their tokens; CLOSED keys fill up when fewer are open."""
+    from angel_compile.kernels.mmr_select import _top_keys_kernel
+
+    generator = torch.Generator().manual_seed(count + closed)
+    # keys as the update kernel writes them: score bits (here with many ties) over N - 1 - token
+    scores = torch.randint(-40, 40, (2, count), generator=generator) * 2**25
+    keys = (scores << 32) | ((count - 1 - torch.arange(count)) << 16)
+    keys[:, torch.randperm(count, generator=generator)[:closed]] = -(2**63)  # CLOSED: picked tokens
+    top = torch.empty(2, cands, dtype=torch.int64)
+    tokens = torch.empty_like(top)
+    strides = (keys.stride(0), top.stride(0), tokens.stride(0))
+    _top_keys_kernel[(2,)](keys, top, tokens, count, cands, *strides, BLOCK_N=triton.next_power_of_2(count))
+    assert torch.equal(top.sort(dim=1).values, keys.topk(cands, dim=1).values.sort(dim=1).values)
+    assert torch.equal(keys.gather(1, tokens), top)
+    assert all(len(set(row.tolist())) == cands for row in tokens)  # distinct tokens, also among CLOSED ones
+
+
 def ptx_for_sm90() -> dict[str, str]:
-    """PTX of both kernels for an H100 (needs Triton outside interpreter mode)."""
+    """PTX of the kernels for an H100 (needs Triton outside interpreter mode)."""
     from angel_compile.kernels import mmr_select
 
     types = {
@@ -85,6 +105,7 @@ def ptx_for_sm90() -> dict[str, str]:
         "out_ptr": "*i64",
         "done_ptr": "*i32",
         "keys_ptr": "*i64",
+        "tokens_ptr": "*i64",
         "lam": "fp32",
         "rest": "fp32",
     }
@@ -93,6 +114,7 @@ def ptx_for_sm90() -> dict[str, str]:
         "candidate sims": (mmr_select._candidate_sims_kernel, {"BLOCK_R": 16, "BLOCK_C": 128}, 4),
         "unit rows": (mmr_select._unit_rows_kernel, {"BLOCK_D": 1024}, 4),
         "update": (mmr_select._update_kernel, {"BLOCK_N": 64, "BLOCK_C": 128}, 4),
+        "top keys": (mmr_select._top_keys_kernel, {"BLOCK_N": 8192}, 8),
     }
     return {
         name: compile_sm90_ptx(fn, types, constexprs, warps, 3, aligned=lambda *_: False, enable_fp_fusion=False)

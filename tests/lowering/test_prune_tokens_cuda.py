@@ -65,18 +65,24 @@ class _MergeThenMix(torch.nn.Module):
         return self.out(torch.relu(embeds + self.position(position_ids)))
 
 
-def test_the_pass_on_a_cuda_graph_module_matches_the_cpu_one():
-    """token_pruning's graph run on the GPU (the graphed op inside an FX graph) vs the same graph on CPU."""
+@pytest.mark.parametrize("dynamic_tokens", [False, True])
+def test_the_pass_on_a_cuda_graph_module_matches_the_cpu_one(dynamic_tokens):
+    """token_pruning's graph run on the GPU (the graphed op inside an FX graph) vs the same graph on CPU.
+
+    With a dynamic token count the graph computes N and keep from the features' size.
+    """
     torch.manual_seed(0)
     model = _MergeThenMix().eval()
     inputs = tiny_inputs(batch=2)
-    gm = capture_model(model, (), inputs, tiny_dynamic_shapes())
+    gm = capture_model(model, (), inputs, tiny_dynamic_shapes(dynamic_tokens=dynamic_tokens))
     gm = TokenPruning(ratio=0.5)(gm, PassContext()).graph_module
     gm_cuda = copy.deepcopy(gm).cuda()
+    # two text lengths (one graph, two cached op shapes), and with a dynamic count 12 and 36 tokens
+    cases = [(0, 3, 20), (1, 9, 20)] + ([(2, 5, 12), (3, 2, 36)] if dynamic_tokens else [])
     with torch.no_grad():
-        for seed, before in ((0, 3), (1, 9)):  # two text lengths: one graph, two cached op shapes
-            case = tiny_inputs(batch=2, before=before, seed=seed)
+        for seed, before, tokens in cases:
+            case = tiny_inputs(batch=2, before=before, tokens=tokens, seed=seed)
             expected = gm(**case)
             out = gm_cuda(**{name: value.cuda() for name, value in case.items()})
-            assert out.shape == expected.shape == (2, before + 4 + 10, 16)
+            assert out.shape == expected.shape == (2, before + 4 + tokens // 2, 16)
             torch.testing.assert_close(out.cpu(), expected, rtol=1e-4, atol=1e-4)
