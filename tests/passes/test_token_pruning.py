@@ -24,6 +24,7 @@ from angel_compile.passes.base import PassContext, build_pass
 from angel_compile.passes.token_pruning import PRUNE_TOKENS, TokenPruning
 from tests.passes.token_pruning_models import (
     TOKEN,
+    TinyCacheModel,
     TinyMergeModel,
     TinyPrefixModel,
     prefix_dynamic_shapes,
@@ -135,6 +136,23 @@ def test_a_concatenated_prefix_of_features_is_pruned():
             out = gm(**other)
         assert out.shape == (2, keep + text, 16)
         assert torch.equal(out, expected)
+
+
+def test_the_returned_kv_cache_follows_the_pruned_sequence():
+    """A prefill returning its keys/values: the cache holds the S' kept positions, as the hand-built reference's."""
+    torch.manual_seed(0)
+    model = TinyCacheModel().eval()
+    inputs = tiny_inputs(batch=2)
+    gm = capture_model(model, (), inputs, tiny_dynamic_shapes())
+    assert TokenPruning(ratio=0.75)(gm, PassContext()).modified
+    with torch.no_grad():
+        logits, keys, values = gm(**inputs)
+        merged = model.merged(inputs["input_ids"], inputs["features"])
+        pruned, kept = torch.ops.angel.prune_tokens(merged, inputs["input_ids"] == TOKEN, 20, 5, "mmr", 0.5, 1.0, 0)
+        expected = model.language_with_cache(pruned, inputs["position_ids"].gather(1, kept))
+    assert keys.shape == values.shape == (2, 2, 27 - 15, 16)
+    for out, reference in zip((logits, keys, values), expected, strict=True):
+        assert torch.equal(out, reference)
 
 
 def test_bad_options_and_models_are_rejected(tiny):

@@ -92,3 +92,18 @@ def prefix_dynamic_shapes() -> dict:
         "input_ids": {1: torch.export.Dim("text", min=2, max=30)},
         "features": {1: torch.export.Dim("tokens", min=2, max=30)},
     }
+
+
+class TinyCacheModel(TinyMergeModel):
+    """A prefill that also returns its key/value cache [B, heads, S, head dim], as decoders do with use_cache."""
+
+    def forward(self, input_ids: torch.Tensor, features: torch.Tensor, position_ids: torch.Tensor) -> tuple:
+        return self.language_with_cache(self.merged(input_ids, features), position_ids)
+
+    def language_with_cache(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> tuple:
+        batch, seq, dim = embeds.shape
+        hidden = embeds + self.position(position_ids)
+        q, k, v = self.qkv(hidden).view(batch, seq, 3, 2, dim // 2).permute(2, 0, 3, 1, 4)
+        causal = torch.arange(seq)[:, None] >= torch.arange(seq)[None, :]
+        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+        return self.out(attended.transpose(1, 2).reshape(batch, seq, dim)), k, v
