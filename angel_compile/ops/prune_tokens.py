@@ -52,7 +52,7 @@ MmrSelect = Callable[[torch.Tensor, torch.Tensor, int, float], torch.Tensor]
 UnitFeatures = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def kept_fraction(ratio: float) -> tuple[int, int]:
+def _kept_fraction(ratio: float) -> tuple[int, int]:
     """1 − r as a fraction p / q (q ≤ 10⁹): 1 − 0.9 is 0.09999999999999998 in floating point, 1/10 here."""
     fraction = Fraction(round(1.0 - ratio, 9)).limit_denominator(10**9)
     return fraction.numerator, fraction.denominator
@@ -64,7 +64,7 @@ def kept_count(num_tokens: IntLike, ratio: float) -> IntLike:
     Integer arithmetic only, so that N may be a `torch.SymInt` (a modality token count that is a
     dynamic dimension of the captured graph): k is then the symbolic ⌊(p·N + q − 1) / q⌋.
     """
-    kept, whole = kept_fraction(ratio)
+    kept, whole = _kept_fraction(ratio)
     return (num_tokens * kept + whole - 1) // whole
 
 

@@ -22,8 +22,8 @@ Needs:   a graph captured with a dynamic sequence dimension (torch.export `Dim`)
          is the symbolic expression S − N + keep and one graph serves every text length; a
          static capture has its length baked into view/arange arguments and is rejected.
          N = numel(features) / (B·D) may be symbolic too (a dynamic image/audio dimension):
-         the graph then computes N and keep = ⌊(p·N + q − 1) / q⌋ (1 − ratio = p / q) from the
-         features' size, and one graph serves any image count and size; a budget that may
+         the graph then computes N and keep = `kept_count(N, ratio)` (integer arithmetic) from
+         the features' size, and one graph serves any image count and size; a budget that may
          exceed N is checked when the graph runs. The batch size is static. Position ids are
          kept when they exist before the merge (graph inputs, as transformers' VLMs take them);
          ids a model makes after the merge from the length (arange(S)) become arange(S'). For
@@ -53,7 +53,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from angel_compile import meta
 from angel_compile.errors import UnsupportedError
-from angel_compile.ops.prune_tokens import METHODS, IntLike, kept_count, kept_fraction
+from angel_compile.ops.prune_tokens import METHODS, IntLike, kept_count
 from angel_compile.passes.base import Pass, PassContext, PassResult, PassStats, register_pass
 from angel_compile.passes.graph_utils import copy_source_meta, fake_mode_of, infer_val
 
@@ -159,7 +159,7 @@ class TokenPruning(Pass):
             "merge": merge.name,
             "modality_tokens": num_tokens if isinstance(num_tokens, int) else str(num_tokens),
             "kept": keep if isinstance(keep, int) else str(keep),
-            "sequence": f"{seq} - {num_tokens - keep}" if isinstance(keep, int) else str(seq - num_tokens + keep),
+            "sequence": f"{seq} - {num_tokens - keep}" if isinstance(num_tokens, int) else str(seq - num_tokens + keep),
             "method": self.method,
         }
         if not isinstance(num_tokens, int) and self.budget:
@@ -319,21 +319,17 @@ def _count_args(
     """([new nodes], num_tokens, keep) as the op's arguments: ints, or nodes computing them when N is symbolic.
 
     With a dynamic image/audio dimension N = numel(features) / (B·D) is an expression of the
-    graph's symbols; keep = ⌊(p·N + q − 1) / q⌋ (`kept_count` with 1 − r = p / q), or the budget.
+    graph's symbols, and keep is the budget or a `kept_count` node: the one definition of k, run
+    on the graph's N (integer arithmetic, so torch.export traces it into symbolic ops).
     """
     if isinstance(num_tokens, int):
         return [], num_tokens, keep
     numel = graph.call_function(aten.sym_numel.default, (features,))
     count = graph.call_function(operator.floordiv, (numel, per_sample))
-    nodes = [numel, count]
-    kept, whole = kept_fraction(ratio)
-    if budget or kept == whole:
-        return nodes, count, budget or count
-    if kept != 1:
-        nodes.append(graph.call_function(operator.mul, (count, kept)))
-    nodes.append(graph.call_function(operator.add, (nodes[-1], whole - 1)))
-    nodes.append(graph.call_function(operator.floordiv, (nodes[-1], whole)))
-    return nodes, count, nodes[-1]
+    if budget:
+        return [numel, count], count, budget
+    keep_node = graph.call_function(kept_count, (count, ratio))
+    return [numel, count, keep_node], count, keep_node
 
 
 def _shortened(

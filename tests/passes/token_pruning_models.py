@@ -29,12 +29,16 @@ class TinyMergeModel(torch.nn.Module):
         return embeds.masked_scatter(mask, self.project(features))
 
     def language(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_with_cache(embeds, position_ids)[0]
+
+    def language_with_cache(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> tuple:
+        """(logits, keys, values): the key/value cache [B, heads, S, head dim] too, as decoders' prefills return."""
         batch, seq, dim = embeds.shape
         hidden = embeds + self.position(position_ids)
         q, k, v = self.qkv(hidden).view(batch, seq, 3, 2, dim // 2).permute(2, 0, 3, 1, 4)
         causal = torch.arange(seq)[:, None] >= torch.arange(seq)[None, :]
         attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal)
-        return self.out(attended.transpose(1, 2).reshape(batch, seq, dim))
+        return self.out(attended.transpose(1, 2).reshape(batch, seq, dim)), k, v
 
 
 def tiny_inputs(batch: int = 1, before: int = 3, tokens: int = 20, after: int = 4, seed: int = 0) -> dict:
@@ -95,15 +99,7 @@ def prefix_dynamic_shapes() -> dict:
 
 
 class TinyCacheModel(TinyMergeModel):
-    """A prefill that also returns its key/value cache [B, heads, S, head dim], as decoders do with use_cache."""
+    """A prefill that also returns its key/value cache, as decoders do with use_cache."""
 
     def forward(self, input_ids: torch.Tensor, features: torch.Tensor, position_ids: torch.Tensor) -> tuple:
         return self.language_with_cache(self.merged(input_ids, features), position_ids)
-
-    def language_with_cache(self, embeds: torch.Tensor, position_ids: torch.Tensor) -> tuple:
-        batch, seq, dim = embeds.shape
-        hidden = embeds + self.position(position_ids)
-        q, k, v = self.qkv(hidden).view(batch, seq, 3, 2, dim // 2).permute(2, 0, 3, 1, 4)
-        causal = torch.arange(seq)[:, None] >= torch.arange(seq)[None, :]
-        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal)
-        return self.out(attended.transpose(1, 2).reshape(batch, seq, dim)), k, v
