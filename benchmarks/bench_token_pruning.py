@@ -11,7 +11,8 @@ depth, whose prefill the selection is a smaller share of), batch 1, a prompt of
   - the same greedy MMR as PyTorch ops on the GPU (`mmr_select_reference`: one batched
     GEMV + argmax per pick), for comparison.
 Then the selection alone (`mmr_select_rounds` on bf16 unit features with the same local
-redundancy) for 2,048 / 8,192 / 16,384 tokens and each `--candidates` count.
+redundancy) for 2,048 / 8,192 / 16,384 tokens and each `--candidates` count; with `--profile`,
+its GPU kernel time by step (top-C, candidate greedy, similarity GEMM, the rest) at 2,048 / 8,192.
 Prefill: same-run medians of `triton.testing.do_bench`. Selection: the median wall time of
 several synchronised calls (the rounds' host syncs are part of the cost).
 
@@ -128,15 +129,53 @@ def bench_visual(model: torch.nn.Module, visual: int) -> None:
         )
 
 
+def _selection_inputs(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 unit features [1, count, DIM] with the benchmark's local redundancy, and their importance."""
+    torch.manual_seed(count)
+    features = _visual_features(count)
+    unit = torch.nn.functional.normalize(features, dim=-1).to(torch.bfloat16)
+    importance = torch.nn.functional.cosine_similarity(features, torch.randn(1, 1, DIM, device="cuda"), dim=-1)
+    return unit, importance
+
+
+def _kernel_group(name: str) -> str:
+    if "_top_keys_kernel" in name:
+        return "top-C"
+    if "_candidate_greedy_kernel" in name:
+        return "greedy"
+    if "nvjet" in name or "gemm" in name.lower():
+        return "GEMM"
+    return "other"
+
+
+def profile_selection() -> None:
+    """GPU kernel time of the selection by step (profiler; rounds launched eagerly so that each kernel shows)."""
+    print("\n# selection alone, GPU kernel time per call (mean of 5, µs), by step")
+    print("| tokens | keep | top-C | greedy | GEMM | other | total |")
+    print("|---|---|---|---|---|---|---|")
+    for count in SELECTION_ALONE[:2]:
+        unit, importance = _selection_inputs(count)
+        for keep in (kept_count(count, 0.75), kept_count(count, 0.9)):
+            config = {"cuda_graph": False}
+            mmr_select_rounds(unit, importance, keep, 0.5, config)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+                for _ in range(5):
+                    mmr_select_rounds(unit, importance, keep, 0.5, config)
+                torch.cuda.synchronize()
+            groups = dict.fromkeys(("top-C", "greedy", "GEMM", "other"), 0.0)
+            for event in profile.key_averages():
+                groups[_kernel_group(event.key)] += event.self_device_time_total / 5
+            cells = " | ".join(f"{us:.0f}" for us in groups.values())
+            print(f"| {count} | {keep} | {cells} | {sum(groups.values()):.0f} |", flush=True)
+
+
 def bench_selection_alone(candidates: list[int]) -> None:
     print("\n# selection alone: mmr_select_rounds, bf16 unit features [1, N, 3584], λ=0.5, median ms")
     print("| tokens | keep | candidates per round | rounds | selection ms |")
     print("|---|---|---|---|---|")
     for count in SELECTION_ALONE:
-        torch.manual_seed(count)
-        features = _visual_features(count)
-        unit = torch.nn.functional.normalize(features, dim=-1).to(torch.bfloat16)
-        importance = torch.nn.functional.cosine_similarity(features, torch.randn(1, 1, DIM, device="cuda"), dim=-1)
+        unit, importance = _selection_inputs(count)
         for keep in (kept_count(count, 0.75), kept_count(count, 0.9)):
             for cands in candidates:
 
@@ -153,6 +192,7 @@ def main() -> None:
     parser.add_argument("--visual", type=int, nargs="+", default=[2048])
     parser.add_argument("--candidates", type=int, nargs="+", default=[128, 256], help="CANDIDATES, selection alone")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of the language model")
+    parser.add_argument("--profile", action="store_true", help="also the selection's GPU kernel time by step")
     args = parser.parse_args()
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M} {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"# Qwen2-VL-7B-shaped LM, {args.layers} layers, bf16, {TEXT_TOKENS} text tokens; MMR λ=0.5")
@@ -167,6 +207,8 @@ def main() -> None:
         bench_visual(model, visual)
         torch.cuda.empty_cache()
     bench_selection_alone(args.candidates)
+    if args.profile:
+        profile_selection()
 
 
 if __name__ == "__main__":
